@@ -1,0 +1,1 @@
+"""Step-size controllers: the papers' learning-rate rules, apart from any parameter memory."""

@@ -1,0 +1,158 @@
+"""The shared ``torch.optim.Optimizer`` base of every autolr_fused optimizer.
+
+It owns the optimizer contract (argument checks before any state changes,
+param groups, state_dict with the controller's host-side state, backends) so
+that each public class only wires a direction, a step-size controller and a
+backend together.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autolr_fused._validation import check_gradients
+from autolr_fused.backends import resolve_backend
+
+
+class AutoLROptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_check_group`` and ``_step``.
+
+    Class attributes a subclass sets:
+
+    * ``_global_keys``: hyperparameters that must be equal in every group (they
+      configure one optimizer-wide controller).
+    * ``_float32_state_keys``: per-parameter state kept in float32 whatever the
+      parameter dtype (learning rates and statistics).
+    * ``_lr_on_device``: the group lr is adapted on the device, so it is kept as
+      a 0-dim float32 tensor on the parameters' device.
+    """
+
+    _global_keys: tuple[str, ...] = ()
+    _float32_state_keys: tuple[str, ...] = ()
+    _lr_on_device: bool = False
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str = "auto") -> None:
+        self.backend, self._ops = resolve_backend(backend)
+        self._check_group(dict(defaults))
+        # Host-side controller state: plain Python numbers, saved in state_dict.
+        self._controller: dict[str, Any] = self._initial_controller_state(defaults)
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, not a set")
+        params = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears more than once in a parameter group")
+        full = {**self.defaults, **param_group, "params": params}
+        for key in self._global_keys:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(f"{key} is optimizer-wide and cannot differ per parameter group")
+        self._check_group(full)
+        super().add_param_group({**param_group, "params": params})
+        if self._lr_on_device:
+            self._lr_tensor(self.param_groups[-1])
+
+    def _lr_tensor(self, group: dict[str, Any]) -> Tensor:
+        """The group's lr as a 0-dim float32 tensor on its parameters' device."""
+        lr = group["lr"]
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        if not (isinstance(lr, Tensor) and lr.dtype == torch.float32 and lr.device == device and lr.dim() == 0):
+            lr = torch.as_tensor(lr, dtype=torch.float32).reshape(()).to(device).clone()
+            group["lr"] = lr
+        return lr
+
+    @staticmethod
+    def _grad_params(group: dict[str, Any]) -> list[Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_gradients(self.param_groups)
+        self._step()
+        return loss
+
+    def _step(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if isinstance(group.get("lr"), Tensor):
+                group["lr"] = group["lr"].detach().clone()
+        if self._controller:
+            sd["controller"] = copy.deepcopy(self._controller)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        expected = self._initial_controller_state(self.defaults)
+        saved_controller = state_dict.get("controller", {} if not expected else None)
+        if saved_controller is None or set(saved_controller) != set(expected):
+            raise ValueError(
+                f"state_dict does not hold this {type(self).__name__}'s controller state "
+                f"(expected keys {sorted(expected)}, got {sorted(saved_controller or {})}); "
+                "was it saved from a different optimizer?"
+            )
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for key in self._global_keys:
+                if key in saved and saved[key] != group[key]:
+                    raise ValueError(f"state_dict was saved with {key}={saved[key]!r}, this optimizer has {group[key]!r}")
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter dtype: put float32 state back.
+        saved_state = state_dict["state"]
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, pid in zip(group["params"], saved["params"]):
+                for key in self._float32_state_keys:
+                    value = saved_state.get(pid, {}).get(key)
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
+            if self._lr_on_device:
+                self._lr_tensor(group)
+        self._controller = copy.deepcopy(saved_controller) if expected else {}
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, float]:
+        """Plain Python numbers for logging (this reads device values: it synchronises)."""
+        lrs = [float(group["lr"]) for group in self.param_groups]
+        return {"lr": lrs[0], "lr_min": min(lrs), "lr_max": max(lrs)}
+
+    @staticmethod
+    def _lr_summary(lrs: list[Tensor]) -> dict[str, float]:
+        """lr statistics of per-tensor learning rates (mean, min, max over tensors)."""
+        if not lrs:
+            return {"lr": float("nan"), "lr_min": float("nan"), "lr_max": float("nan")}
+        values = torch.stack([lr.to(lrs[0].device) for lr in lrs]).double()
+        return {"lr": values.mean().item(), "lr_min": values.min().item(), "lr_max": values.max().item()}

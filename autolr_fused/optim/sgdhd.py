@@ -1,0 +1,87 @@
+"""FusedSGDHD: SGD with hypergradient descent on the learning rate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autolr_fused._validation import check_range
+from autolr_fused.controllers import hypergradient
+from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
+
+
+class FusedSGDHD(SGDDirectionOptimizer):
+    """SGD-HD (Baydin et al. 2018): the lr follows its own hypergradient.
+
+    At every step t >= 2 each group's lr grows by ``hypergrad_lr`` (beta) times
+    the inner product of this step's regularized gradient with the previous
+    step's update direction, summed over all parameters, before the update (see
+    ``autolr_fused.controllers.hypergradient``). With no momentum this is
+    global delta-bar-delta. The group lr is a 0-dim float32 tensor on the
+    parameters' device, updated there.
+
+    Defaults: torch.optim.SGD's, and ``hypergrad_lr=1e-6`` (beta).
+
+    Extra memory per parameter: the previous update direction (1 x parameter
+    size), plus the momentum buffer.
+    """
+
+    _lr_on_device = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        hypergrad_lr: float = 1e-6,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused)
+        defaults["hypergrad_lr"] = hypergrad_lr
+        self._last_h: Tensor | None = None
+        super().__init__(params, defaults, backend)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_range("hypergrad_lr", group["hypergrad_lr"], 0.0)
+
+    def _step(self) -> None:
+        ops, device = self._ops, self._device()
+        work, newer, older = [], [], []
+        for group in self.param_groups:
+            params = self._grad_params(group)
+            if not params:
+                continue
+            regularized, directions = self._directions(group, params)
+            work.append((group, params, directions))
+            for p, r in zip(params, regularized):
+                if "prev_direction" in self.state[p]:
+                    newer.append(r)
+                    older.append(self.state[p]["prev_direction"])
+        if newer:
+            h = ops.dots(newer, older, device).sum()
+            for group in self.param_groups:
+                lr = self._lr_tensor(group)
+                lr.copy_(hypergradient.update(lr, h.to(lr.device), float(group["hypergrad_lr"])))
+            self._last_h = h
+        for group, params, directions in work:
+            ops.apply_update(params, directions, self._lr_tensor(group))
+            prev = [self.state[p].get("prev_direction") for p in params]
+            ops.copy_into(prev, directions)
+            for p, d in zip(params, prev):
+                self.state[p]["prev_direction"] = d
+
+    def stats(self) -> dict[str, float]:
+        h = 0.0 if self._last_h is None else self._last_h.item()
+        return {**super().stats(), "inner_product": h}
