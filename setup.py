@@ -1,0 +1,49 @@
+"""Build script: the C++/CUDA extension is optional.
+
+The package is pure Python plus optional compiled kernels. ``csrc/cpu/*.cpp``
+is compiled whenever torch is importable at build time (``pip install
+--no-build-isolation .``), ``csrc/cuda/*.cu`` too when torch has CUDA and nvcc
+is found. ``AUTOLR_FUSED_NO_EXT=1`` skips every extension; without a toolchain
+(or without torch in the build environment) the package installs without them
+and falls back to the reference backend.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def extensions() -> tuple[list, dict]:
+    if os.environ.get("AUTOLR_FUSED_NO_EXT", "0") not in ("", "0"):
+        return [], {}
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
+    if not sources:
+        return [], {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:  # no torch in an isolated build environment: pure-Python install
+        return [], {}
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
+    kwargs = dict(
+        name="autolr_fused._C",
+        sources=sources + (cuda_sources if use_cuda else []),
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=["-fopenmp"],
+        define_macros=[("AUTOLR_WITH_CUDA", "1")] if use_cuda else [],
+    )
+    ext = cpp_extension.CUDAExtension(**kwargs) if use_cuda else cpp_extension.CppExtension(**kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.version.cuda is not None
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
