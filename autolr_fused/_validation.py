@@ -60,7 +60,9 @@ def check_range(
     if lo_bad or hi_bad:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
-        interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
+        interval = (
+            ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
+        )
         raise ValueError(f"Invalid {name} value: {name}={v} (must be in {interval})")
     return v
 
@@ -88,7 +90,10 @@ def check_sgd_arguments(group: dict) -> None:
     check_bool("nesterov", group["nesterov"])
     check_bool("maximize", group["maximize"])
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 (Nesterov momentum requires a momentum and zero dampening)")
+        raise ValueError(
+            "nesterov=True requires momentum > 0 and dampening == 0 "
+            "(Nesterov momentum requires a momentum and zero dampening)"
+        )
 
 
 def check_gradients(param_groups: list[dict]) -> None:

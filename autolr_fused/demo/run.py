@@ -83,8 +83,14 @@ def methods() -> dict[str, Method]:
         "autodrop": Method(
             "FusedAutoDropSGD",
             lambda m, spe, ep: alr.FusedAutoDropSGD(
-                m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, steps_per_epoch=spe,
-                threshold=1.0, max_threshold=5.0, drop_delay=2,
+                m.parameters(),
+                lr=0.05,
+                momentum=0.9,
+                weight_decay=5e-4,
+                steps_per_epoch=spe,
+                threshold=1.0,
+                max_threshold=5.0,
+                drop_delay=2,
             ),
         ),
         "tlr": Method(
@@ -99,7 +105,9 @@ def methods() -> dict[str, Method]:
                 m.parameters(), lr=0.01, momentum=0.8, weight_decay=5e-4, steps_per_epoch=spe, per_layer=True
             ),
         ),
-        "rdbd": Method("FusedRDBD (SGD base)", lambda m, spe, ep: alr.FusedRDBD(m.parameters(), lr=0.005, meta_lr=0.01)),
+        "rdbd": Method(
+            "FusedRDBD (SGD base)", lambda m, spe, ep: alr.FusedRDBD(m.parameters(), lr=0.005, meta_lr=0.01)
+        ),
         "rdbd-adam": Method(
             "FusedRDBD (Adam base)",
             lambda m, spe, ep: alr.FusedRDBD(m.parameters(), lr=1e-3, meta_lr=5e-7, base="adam", betas=(0.05, 0.99)),
@@ -195,7 +203,9 @@ def plot(results: list[Result], out: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         window = 10
-        smooth = [sum(r.step_loss[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(r.step_loss))]
+        smooth = [
+            sum(r.step_loss[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(r.step_loss))
+        ]
         ax.plot(smooth, label=r.label, lw=1.2)
     ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="Training loss")
     ax.legend(fontsize=7)
@@ -206,7 +216,9 @@ def plot(results: list[Result], out: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         ax.plot(range(1, len(r.epoch_lr) + 1), r.epoch_lr, marker=".", label=r.label, lw=1.2)
-    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch; mean over tensors)", yscale="log", title="Learning rates")
+    ax.set(
+        xlabel="epoch", ylabel="learning rate (end of epoch; mean over tensors)", yscale="log", title="Learning rates"
+    )
     ax.legend(fontsize=7)
     paths.append(os.path.join(out, "lr.png"))
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
@@ -216,7 +228,9 @@ def plot(results: list[Result], out: str) -> list[str]:
         if r.angles:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot(range(1, len(r.angles) + 1), r.angles, marker="o")
-            ax.set(xlabel="epoch", ylabel="angle between epoch displacements (degrees)", title="AutoDrop angular velocity")
+            ax.set(
+                xlabel="epoch", ylabel="angle between epoch displacements (degrees)", title="AutoDrop angular velocity"
+            )
             paths.append(os.path.join(out, "autodrop_angle.png"))
             fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
             plt.close(fig)

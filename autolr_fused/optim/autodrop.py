@@ -74,8 +74,12 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         backend: str = "auto",
     ) -> None:
         if steps_per_epoch is None:
-            raise TypeError("FusedAutoDropSGD requires steps_per_epoch (an int >= 1: the measurement interval in steps)")
-        defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused)
+            raise TypeError(
+                "FusedAutoDropSGD requires steps_per_epoch (an int >= 1: the measurement interval in steps)"
+            )
+        defaults = sgd_defaults(
+            lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
+        )
         defaults.update(
             steps_per_epoch=steps_per_epoch,
             drop_factor=drop_factor,
@@ -121,7 +125,9 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         with_prev = [i for i, s in enumerate(states) if "prev_displacement" in s]
         sums = torch.stack(
             [
-                ops.dots([displacement[i] for i in with_prev], [states[i]["prev_displacement"] for i in with_prev], device).sum(),
+                ops.dots(
+                    [displacement[i] for i in with_prev], [states[i]["prev_displacement"] for i in with_prev], device
+                ).sum(),
                 ops.squared_norms(displacement, device).sum(),
                 ops.squared_norms([states[i]["prev_displacement"] for i in with_prev], device).sum(),
             ]
@@ -142,9 +148,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
                 for p, s in zip(params, states):
                     s["average"] = p.detach().to(torch.float32, copy=True)
             else:
-                ops.accumulate_weighted(
-                    [s["average"] for s in states], params, float(decision.accumulate_weight)
-                )
+                ops.accumulate_weighted([s["average"] for s in states], params, float(decision.accumulate_weight))
         if decision.drop:
             n_d = config["drop_delay"]
             ops.replace_with_average(params, [s.pop("average") for s in states], n_d * (n_d + 1) / 2)

@@ -129,7 +129,9 @@ class AutoLROptimizer(torch.optim.Optimizer):
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for key in self._global_keys:
                 if key in saved and saved[key] != group[key]:
-                    raise ValueError(f"state_dict was saved with {key}={saved[key]!r}, this optimizer has {group[key]!r}")
+                    raise ValueError(
+                        f"state_dict was saved with {key}={saved[key]!r}, this optimizer has {group[key]!r}"
+                    )
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter dtype: put float32 state back.
         saved_state = state_dict["state"]

@@ -213,5 +213,7 @@ class FusedRDBD(AutoLROptimizer):
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]
         if not lrs:
             return {**super().stats(), "inner_product": 0.0}
-        h = torch.stack([self.state[p]["prev_h"].to(lrs[0].device) for p in self._all_params() if "lr" in self.state[p]])
+        h = torch.stack(
+            [self.state[p]["prev_h"].to(lrs[0].device) for p in self._all_params() if "lr" in self.state[p]]
+        )
         return {**self._lr_summary(lrs), "inner_product": h.double().sum().item()}

@@ -109,7 +109,9 @@ class FusedSGD(SGDDirectionOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
     ) -> None:
-        defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused)
+        defaults = sgd_defaults(
+            lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
+        )
         super().__init__(params, defaults, backend)
 
     def _step(self) -> None:

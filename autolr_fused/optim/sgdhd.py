@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_range
@@ -47,7 +46,9 @@ class FusedSGDHD(SGDDirectionOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
     ) -> None:
-        defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused)
+        defaults = sgd_defaults(
+            lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
+        )
         defaults["hypergrad_lr"] = hypergrad_lr
         self._last_h: Tensor | None = None
         super().__init__(params, defaults, backend)

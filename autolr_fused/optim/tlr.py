@@ -62,8 +62,12 @@ class FusedTLR(SGDDirectionOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
     ) -> None:
-        defaults = sgd_defaults(lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused)
-        defaults.update(per_layer=per_layer, bound=bound, steps_per_epoch=steps_per_epoch, update_fraction=update_fraction)
+        defaults = sgd_defaults(
+            lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
+        )
+        defaults.update(
+            per_layer=per_layer, bound=bound, steps_per_epoch=steps_per_epoch, update_fraction=update_fraction
+        )
         self._last_factor: Tensor | None = None
         super().__init__(params, defaults, backend)
 
