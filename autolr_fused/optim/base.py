@@ -19,6 +19,11 @@ from autolr_fused._validation import check_gradients
 from autolr_fused.backends import resolve_backend
 
 
+def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """A new 0-dim float32 tensor on ``device`` holding ``lr`` (adapted lrs live there)."""
+    return torch.as_tensor(lr, dtype=torch.float32).reshape(()).to(device).clone()
+
+
 class AutoLROptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group`` and ``_step``.
 
@@ -73,8 +78,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         if not (isinstance(lr, Tensor) and lr.dtype == torch.float32 and lr.device == device and lr.dim() == 0):
-            lr = torch.as_tensor(lr, dtype=torch.float32).reshape(()).to(device).clone()
-            group["lr"] = lr
+            lr = group["lr"] = lr_tensor(lr, device)
         return lr
 
     @staticmethod

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_lr, check_range
 from autolr_fused.controllers import rdbd
-from autolr_fused.optim.base import AutoLROptimizer
+from autolr_fused.optim.base import AutoLROptimizer, lr_tensor
+from autolr_fused.optim.sgd import sgd_group_directions
 
 BASES = ("sgd", "adam")
 
@@ -109,23 +110,8 @@ class FusedRDBD(AutoLROptimizer):
 
     # --------------------------------------------------------------------- step
     def _directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        grads = [p.grad for p in params]
         if group["base"] == "sgd":
-            momentum = group["momentum"]
-            buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-            _, directions = self._ops.sgd_directions(
-                params,
-                grads,
-                buffers,
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-            )
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
-            return directions
+            return sgd_group_directions(self, group, params)[1]
         states = [self.state[p] for p in params]
         for p, s in zip(params, states):
             if "exp_avg" not in s:
@@ -136,7 +122,7 @@ class FusedRDBD(AutoLROptimizer):
         beta1, beta2 = group["betas"]
         return self._ops.adam_directions(
             params,
-            grads,
+            [p.grad for p in params],
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
@@ -158,7 +144,7 @@ class FusedRDBD(AutoLROptimizer):
             for p in group_params:
                 state = self.state[p]
                 if "lr" not in state:
-                    state["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).reshape(()).to(p.device).clone()
+                    state["lr"] = lr_tensor(group["lr"], p.device)
                     state["prev_h"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["prev_delta"] = torch.zeros((), dtype=torch.float32, device=p.device)
             segments.append((group, len(params), len(params) + len(group_params)))

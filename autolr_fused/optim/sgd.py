@@ -40,6 +40,30 @@ def sgd_defaults(
     )
 
 
+def sgd_group_directions(
+    optimizer: AutoLROptimizer, group: dict[str, Any], params: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """torch.optim.SGD's (regularized gradients, directions) for ``params`` of ``group``.
+
+    Momentum buffers live in ``optimizer.state[p]["momentum_buffer"]`` (torch's layout).
+    """
+    momentum = group["momentum"]
+    buffers = [optimizer.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+    regularized, directions = optimizer._ops.sgd_directions(
+        params,
+        [p.grad for p in params],
+        buffers,
+        momentum=momentum,
+        dampening=group["dampening"],
+        weight_decay=group["weight_decay"],
+        nesterov=group["nesterov"],
+        maximize=group["maximize"],
+    )
+    for p, buf in zip(params, buffers):
+        optimizer.state[p]["momentum_buffer"] = buf
+    return regularized, directions
+
+
 class SGDDirectionOptimizer(AutoLROptimizer):
     """Base of the optimizers whose update direction is torch.optim.SGD's."""
 
@@ -57,21 +81,7 @@ class SGDDirectionOptimizer(AutoLROptimizer):
 
     def _directions(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """(regularized gradients, update directions) of ``params``; advances momentum buffers."""
-        momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        regularized, directions = self._ops.sgd_directions(
-            params,
-            [p.grad for p in params],
-            buffers,
-            momentum=momentum,
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
-        for p, buf in zip(params, buffers):
-            self.state[p]["momentum_buffer"] = buf
-        return regularized, directions
+        return sgd_group_directions(self, group, params)
 
     def _sgd_group_step(self, group: dict[str, Any]) -> None:
         """One torch.optim.SGD step of a group at the group's current lr."""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from autolr_fused._validation import check_bool, check_int, check_range
 from autolr_fused.controllers import tlr
+from autolr_fused.optim.base import lr_tensor
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
 
 
@@ -95,7 +96,7 @@ class FusedTLR(SGDDirectionOptimizer):
         for p in params:
             state = self.state[p]
             if "lr" not in state:
-                state["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).reshape(()).to(p.device).clone()
+                state["lr"] = lr_tensor(group["lr"], p.device)
             lrs.append(state["lr"])
         return lrs
 
