@@ -89,6 +89,8 @@ def check_sgd_arguments(group: dict) -> None:
     check_range("weight_decay", group["weight_decay"], 0.0)
     check_bool("nesterov", group["nesterov"])
     check_bool("maximize", group["maximize"])
+    if group.get("differentiable", False):
+        raise ValueError("differentiable=True is not supported by autolr_fused optimizers; use torch.optim.SGD")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(
             "nesterov=True requires momentum > 0 and dampening == 0 "

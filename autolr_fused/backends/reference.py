@@ -98,7 +98,7 @@ def apply_update(params: Sequence[Tensor], directions: Sequence[Tensor], lr: Lr)
     for i, (p, d) in enumerate(zip(params, directions)):
         lr_i = lr[i] if isinstance(lr, (list, tuple)) else lr
         if isinstance(lr_i, Tensor):
-            p.addcmul_(d, lr_i.to(p.device), value=-1)
+            p.addcmul_(d, lr_i.to(p.device).reshape(()), value=-1)
         else:
             p.add_(d, alpha=-lr_i)
 

@@ -38,16 +38,19 @@ def update(
     prev_delta: Tensor,
     lr: Tensor,
     *,
-    meta_lr: Tensor,
-    low: Tensor,
-    high: Tensor,
-    regret: Tensor,
+    meta_lr: float,
+    low: float | None,
+    high: float | None,
+    regret: bool,
 ) -> RDBDUpdate:
-    """One RDBD lr update for a batch of tensors (all arguments broadcast; ``regret`` is a bool mask)."""
+    """One RDBD lr update for a batch of tensors sharing eta, the bounds and the regret switch."""
     finite = torch.isfinite(h)
     h = torch.where(finite, h, torch.zeros_like(h))
-    regret_delta = torch.where(regret & finite & (h * prev_h < 0), prev_delta, torch.zeros_like(prev_delta))
+    fires = finite & (h * prev_h < 0) if regret else torch.zeros_like(finite)
+    regret_delta = torch.where(fires, prev_delta, torch.zeros_like(prev_delta))
     lr = lr - regret_delta
-    new = torch.minimum(torch.maximum(lr + meta_lr * h, low), high)
+    new = lr + meta_lr * h
+    if low is not None or high is not None:
+        new = new.clamp(min=low, max=high)
     new = torch.where(finite, new, lr)
     return RDBDUpdate(regret_delta=regret_delta, lr=new, delta=new - lr, h=h)

@@ -153,32 +153,35 @@ class FusedRDBD(AutoLROptimizer):
         if not params:
             return
         states = [self.state[p] for p in params]
-
-        def per_tensor(value_of_group) -> Tensor:
-            values = []
-            for group, start, end in segments:
-                values += [value_of_group(group)] * (end - start)
-            return torch.tensor(values).to(device, non_blocking=True)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        h_per_tensor = [zero] * len(params)  # h_1 = 0
+        with_prev = [i for i, s in enumerate(states) if "prev_direction" in s]
+        if with_prev:
+            dots = ops.dots(
+                [directions[i] for i in with_prev], [states[i]["prev_direction"] for i in with_prev], device
+            )
+            for i, value in zip(with_prev, dots.unbind(0)):
+                h_per_tensor[i] = value
+        h = torch.stack(h_per_tensor)
 
         def stacked(key: str) -> Tensor:
             return torch.stack([s[key].to(device) for s in states])
 
-        with_prev = [i for i, s in enumerate(states) if "prev_direction" in s]
-        h = torch.zeros(len(params), dtype=torch.float32, device=device)  # h_1 = 0
-        if with_prev:
-            h[torch.tensor(with_prev, device=device)] = ops.dots(
-                [directions[i] for i in with_prev], [states[i]["prev_direction"] for i in with_prev], device
+        prev_h, prev_delta, old_lr = stacked("prev_h"), stacked("prev_delta"), stacked("lr")
+        parts = [
+            rdbd.update(
+                h[start:end],
+                prev_h[start:end],
+                prev_delta[start:end],
+                old_lr[start:end],
+                meta_lr=float(group["meta_lr"]),
+                low=None if group["lr_bounds"][0] is None else float(group["lr_bounds"][0]),
+                high=None if group["lr_bounds"][1] is None else float(group["lr_bounds"][1]),
+                regret=bool(group["regret"]),
             )
-        result = rdbd.update(
-            h,
-            stacked("prev_h"),
-            stacked("prev_delta"),
-            stacked("lr"),
-            meta_lr=per_tensor(lambda g: float(g["meta_lr"])).float(),
-            low=per_tensor(lambda g: -torch.inf if g["lr_bounds"][0] is None else float(g["lr_bounds"][0])).float(),
-            high=per_tensor(lambda g: torch.inf if g["lr_bounds"][1] is None else float(g["lr_bounds"][1])).float(),
-            regret=per_tensor(lambda g: bool(g["regret"])),
-        )
+            for group, start, end in segments
+        ]
+        result = rdbd.RDBDUpdate(*(torch.cat(field) for field in zip(*(vars(u).values() for u in parts))))
         for i in with_prev:  # undo a regretted lr change on the parameters (adds 0 where none fired)
             params[i].addcmul_(states[i]["prev_direction"], result.regret_delta[i].to(params[i].device))
         for s, new_lr, delta, h_i in zip(states, result.lr.unbind(0), result.delta.unbind(0), result.h.unbind(0)):
