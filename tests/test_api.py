@@ -429,3 +429,27 @@ def test_aalr_state_dict_round_trips_through_torch_save_weights_only():
     other = AALR(other_model, torch.optim.SGD(other_model.parameters(), lr=0.1, momentum=0.9))
     other.load_state_dict(loaded)
     assert other.stats() == aalr.stats()
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda ps: autolr_fused.FusedTLR(ps, lr=0.1), "factor"),
+        (lambda ps: autolr_fused.FusedTLR(ps, lr=0.1, per_layer=True), "factor"),
+        (lambda ps: autolr_fused.FusedSGDHD(ps, lr=0.1, hypergrad_lr=1e-2), "inner_product"),
+        (lambda ps: autolr_fused.FusedRDBD(ps, meta_lr=0.1), "inner_product"),
+    ],
+)
+def test_stats_survive_a_state_dict_round_trip(make, key):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = make(params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    before = optimizer.stats()
+    assert before[key] not in (0.0, 1.0)  # a real statistic was measured
+    fresh = make([torch.nn.Parameter(p.detach().clone()) for p in params])
+    fresh.load_state_dict(optimizer.state_dict())
+    assert fresh.stats() == before

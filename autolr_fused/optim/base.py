@@ -46,6 +46,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._check_group(dict(defaults))
         # Host-side controller state: plain Python numbers, saved in state_dict.
         self._controller: dict[str, Any] = self._initial_controller_state(defaults)
+        # The last per-step statistics, as device tensors (read only by stats()), saved in state_dict.
+        self._statistics: dict[str, Tensor] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -117,6 +119,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
                 group["lr"] = group["lr"].detach().clone()
         if self._controller:
             sd["controller"] = copy.deepcopy(self._controller)
+        if self._statistics:
+            sd["statistics"] = {k: v.detach().clone() for k, v in self._statistics.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -148,6 +152,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
             if self._lr_on_device:
                 self._lr_tensor(group)
         self._controller = copy.deepcopy(saved_controller) if expected else {}
+        device = self._device()
+        self._statistics = {k: v.detach().to(device).clone() for k, v in state_dict.get("statistics", {}).items()}
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float]:

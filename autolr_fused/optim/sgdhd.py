@@ -50,7 +50,6 @@ class FusedSGDHD(SGDDirectionOptimizer):
             lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
         )
         defaults["hypergrad_lr"] = hypergrad_lr
-        self._last_h: Tensor | None = None
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -75,7 +74,7 @@ class FusedSGDHD(SGDDirectionOptimizer):
             for group in self.param_groups:
                 lr = self._lr_tensor(group)
                 lr.copy_(hypergradient.update(lr, h.to(lr.device), float(group["hypergrad_lr"])))
-            self._last_h = h
+            self._statistics["inner_product"] = h
         for group, params, directions in work:
             ops.apply_update(params, directions, self._lr_tensor(group))
             prev = [self.state[p].get("prev_direction") for p in params]
@@ -84,5 +83,6 @@ class FusedSGDHD(SGDDirectionOptimizer):
                 self.state[p]["prev_direction"] = d
 
     def stats(self) -> dict[str, float]:
-        h = 0.0 if self._last_h is None else self._last_h.item()
+        h = self._statistics.get("inner_product")
+        h = 0.0 if h is None else h.item()
         return {**super().stats(), "inner_product": h}

@@ -69,7 +69,6 @@ class FusedTLR(SGDDirectionOptimizer):
         defaults.update(
             per_layer=per_layer, bound=bound, steps_per_epoch=steps_per_epoch, update_fraction=update_fraction
         )
-        self._last_factor: Tensor | None = None
         super().__init__(params, defaults, backend)
 
     @property
@@ -107,12 +106,12 @@ class FusedTLR(SGDDirectionOptimizer):
             if len(lrs):
                 factor = tlr.change_factor(h, q, bound)
                 torch._foreach_mul_(lrs, list(factor.unbind(0)))
-                self._last_factor = factor
+                self._statistics["factor"] = factor
         else:
             factor = tlr.change_factor(h.sum(), q.sum(), bound)
             for group in self.param_groups:
                 self._lr_tensor(group).mul_(factor)
-            self._last_factor = factor
+            self._statistics["factor"] = factor
 
     # --------------------------------------------------------------------- step
     def _step(self) -> None:
@@ -197,5 +196,6 @@ class FusedTLR(SGDDirectionOptimizer):
             out = self._lr_summary(lrs)
         else:
             out = super().stats()
-        out["factor"] = 1.0 if self._last_factor is None else self._last_factor.double().mean().item()
+        factor = self._statistics.get("factor")
+        out["factor"] = 1.0 if factor is None else factor.double().mean().item()
         return out
