@@ -33,10 +33,10 @@ from typing import Any
 
 import pytest
 import torch
+from spec_problems import SHAPES, NoisyQuadratic
 
 from autolr_fused import FusedAutoDropSGD
 
-SHAPES = [(3, 5), (7,), (2, 3, 4), (1,)]
 GROUP_OF_TENSOR = [0, 0, 1, 1]  # two param groups: the first two tensors, the last two
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
 GROUP_LR_REL = 1e-12
@@ -45,25 +45,6 @@ TRIGGER_MARGIN_DEG = 0.05
 
 
 # --------------------------------------------------------------------------- problem
-class NoisyQuadratic:
-    """Per tensor: grad = a * (p - c) + sigma * noise_t, all float64 and seeded."""
-
-    def __init__(self, seed: int, sigma: float = 1.0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.curvature = [torch.rand(s, generator=gen, dtype=torch.float64) * 1.5 + 0.5 for s in SHAPES]
-        self.center = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-        # float32-representable, so both runs start from the same x_0
-        self.initial = [torch.randn(s, generator=gen, dtype=torch.float64).float().double() for s in SHAPES]
-        self.noise_gen = torch.Generator().manual_seed(seed + 1000)
-        self.sigma = sigma
-
-    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [
-            a * (p - c) + self.sigma * torch.randn(p.shape, generator=self.noise_gen, dtype=torch.float64)
-            for a, c, p in zip(self.curvature, self.center, params)
-        ]
-
-
 # ------------------------------------------------------------------------ naive loop
 class NaiveAutoDrop:
     """The spec's FusedAutoDropSGD in float64, on a list of tensors in two groups."""
@@ -260,7 +241,7 @@ def set_grads(params: list[torch.Tensor], grads64: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_autodrop_matches_naive_float64_loop_every_step_and_epoch(name: str) -> None:
     case = CASES[name]
-    problem = NoisyQuadratic(seed=13)
+    problem = NoisyQuadratic(seed=13, sigma=1.0)
     opt_params = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt = build(case, opt_params)
     naive = NaiveAutoDrop([x.clone() for x in problem.initial], case["groups"], case["cfg"])
@@ -336,7 +317,7 @@ def test_autodrop_invalid_arguments_raise_before_touching_params(kwargs: dict, e
 @pytest.mark.parametrize("extra_steps", [0, 1], ids=["saved_at_epoch_end", "saved_mid_epoch"])
 def test_autodrop_state_dict_round_trip_during_pending_drop_continues_bit_identically(extra_steps: int) -> None:
     spe, n_d = 3, 3
-    problem = NoisyQuadratic(seed=17)
+    problem = NoisyQuadratic(seed=17, sigma=1.0)
     params_a = [x.float().clone().requires_grad_(True) for x in problem.initial]
     groups = [dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9)]
     case = dict(cfg=dict(steps_per_epoch=spe, drop_factor=0.5, min_lr=0.03, drop_delay=n_d, **BIG), groups=groups)

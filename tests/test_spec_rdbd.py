@@ -33,10 +33,10 @@ from typing import Any
 
 import pytest
 import torch
+from spec_problems import SHAPES, NoisyQuadratic
 
 from autolr_fused import FusedRDBD
 
-SHAPES = [(3, 5), (7,), (2, 3, 4), (1,)]
 STEPS = 40
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
 LR_RTOL = 1e-5
@@ -44,24 +44,6 @@ SIGN_MARGIN = 1e-4  # |h_t| / (||d_t|| ||d_{t-1}||) below this is too close to a
 
 
 # --------------------------------------------------------------------------- problem
-class NoisyQuadratic:
-    """Per tensor: grad = a * (p - c) + sigma * noise_t, all float64 and seeded."""
-
-    def __init__(self, seed: int, sigma: float = 0.5) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.curvature = [torch.rand(s, generator=gen, dtype=torch.float64) * 1.5 + 0.5 for s in SHAPES]
-        self.center = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-        self.initial = [torch.randn(s, generator=gen, dtype=torch.float64).float().double() for s in SHAPES]
-        self.noise_gen = torch.Generator().manual_seed(seed + 1000)
-        self.sigma = sigma
-
-    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [
-            a * (p - c) + self.sigma * torch.randn(p.shape, generator=self.noise_gen, dtype=torch.float64)
-            for a, c, p in zip(self.curvature, self.center, params)
-        ]
-
-
 # ------------------------------------------------------------------------ naive loop
 @dataclass
 class NaiveTensorState:
@@ -222,7 +204,7 @@ def set_grads(opt_params: list[torch.Tensor], grads64: list[torch.Tensor]) -> No
 @pytest.mark.parametrize("name", list(CASES))
 def test_rdbd_matches_naive_float64_loop_every_step(name: str) -> None:
     case = CASES[name]
-    problem = NoisyQuadratic(seed=7)
+    problem = NoisyQuadratic(seed=7, sigma=0.5)
     naive = [x.clone() for x in problem.initial]
     opt_params = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt, cfgs = build(case, opt_params)
@@ -268,7 +250,7 @@ def test_rdbd_regret_and_dbd_runs_differ_when_regrets_fire() -> None:
     """regret=True is not plain DBD: with sign flips of h the two runs' lrs part."""
     runs = []
     for regret in (True, False):
-        problem = NoisyQuadratic(seed=7)
+        problem = NoisyQuadratic(seed=7, sigma=0.5)
         params = [x.float().clone().requires_grad_(True) for x in problem.initial]
         opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, regret=regret, backend="reference")
         for _ in range(STEPS):
@@ -284,7 +266,7 @@ def test_rdbd_regret_and_dbd_runs_differ_when_regrets_fire() -> None:
 )
 @pytest.mark.parametrize("nan_everywhere", [True, False], ids=["nan_in_every_tensor", "nan_in_one_tensor"])
 def test_rdbd_nan_gradient_leaves_its_tensors_lr_finite_and_unchanged(base_kw: dict, nan_everywhere: bool) -> None:
-    problem = NoisyQuadratic(seed=3)
+    problem = NoisyQuadratic(seed=3, sigma=0.5)
     params = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt = FusedRDBD(params, lr=0.01, meta_lr=1e-3, backend="reference", **base_kw)
     nan_step = 6
@@ -313,7 +295,7 @@ def test_rdbd_nan_gradient_leaves_its_tensors_lr_finite_and_unchanged(base_kw: d
 def test_rdbd_nan_gradient_regrets_nothing_on_the_finite_entries() -> None:
     """Plain SGD: at the NaN step the finite entries move by exactly -lr * g with the old lr
     (no regret undo p += delta_{t-1} * d_{t-1}, though delta_{t-1} != 0)."""
-    problem = NoisyQuadratic(seed=3)
+    problem = NoisyQuadratic(seed=3, sigma=0.5)
     params = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, backend="reference")
     lr_history = []
@@ -337,7 +319,7 @@ def test_rdbd_nan_gradient_regrets_nothing_on_the_finite_entries() -> None:
 
 # ------------------------------------------------------------------------ statistics
 def test_rdbd_stats_report_mean_min_max_of_per_tensor_lrs_and_inner_product() -> None:
-    problem = NoisyQuadratic(seed=11)
+    problem = NoisyQuadratic(seed=11, sigma=0.5)
     params = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, backend="reference")
     for _ in range(10):
@@ -363,7 +345,7 @@ def test_rdbd_stats_report_mean_min_max_of_per_tensor_lrs_and_inner_product() ->
     ids=["sgd_momentum", "adamw"],
 )
 def test_rdbd_state_dict_round_trip_mid_run_continues_bit_identically(kw: dict) -> None:
-    problem = NoisyQuadratic(seed=5)
+    problem = NoisyQuadratic(seed=5, sigma=0.5)
     params_a = [x.float().clone().requires_grad_(True) for x in problem.initial]
     opt_a = FusedRDBD(params_a, backend="reference", **kw)
 
