@@ -24,3 +24,13 @@ class NoisyQuadratic:
             a * (p - c) + self.sigma * torch.randn(p.shape, generator=self.noise_gen, dtype=torch.float64)
             for a, c, p in zip(self.curvature, self.center, params)
         ]
+
+    def float32_params(self) -> list[torch.Tensor]:
+        """Fresh float32 leaf tensors holding x_0, for the optimizer under test."""
+        return [x.float().clone().requires_grad_(True) for x in self.initial]
+
+
+def set_grads(params: list[torch.Tensor], grads64: list[torch.Tensor]) -> None:
+    """Hand the float64 gradients to the float32 optimizer's parameters."""
+    for p, g in zip(params, grads64):
+        p.grad = g.to(torch.float32)

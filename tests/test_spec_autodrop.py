@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from spec_problems import SHAPES, NoisyQuadratic
+from spec_problems import SHAPES, NoisyQuadratic, set_grads
 
 from autolr_fused import FusedAutoDropSGD
 
@@ -233,16 +233,11 @@ def build(case: dict[str, Any], params: list[torch.Tensor]) -> FusedAutoDropSGD:
     return FusedAutoDropSGD(groups, backend="reference", **case["cfg"])
 
 
-def set_grads(params: list[torch.Tensor], grads64: list[torch.Tensor]) -> None:
-    for p, g in zip(params, grads64):
-        p.grad = g.to(torch.float32)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_autodrop_matches_naive_float64_loop_every_step_and_epoch(name: str) -> None:
     case = CASES[name]
     problem = NoisyQuadratic(seed=13, sigma=1.0)
-    opt_params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    opt_params = problem.float32_params()
     opt = build(case, opt_params)
     naive = NaiveAutoDrop([x.clone() for x in problem.initial], case["groups"], case["cfg"])
     n_d = case["cfg"]["drop_delay"]
@@ -318,7 +313,7 @@ def test_autodrop_invalid_arguments_raise_before_touching_params(kwargs: dict, e
 def test_autodrop_state_dict_round_trip_during_pending_drop_continues_bit_identically(extra_steps: int) -> None:
     spe, n_d = 3, 3
     problem = NoisyQuadratic(seed=17, sigma=1.0)
-    params_a = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    params_a = problem.float32_params()
     groups = [dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9)]
     case = dict(cfg=dict(steps_per_epoch=spe, drop_factor=0.5, min_lr=0.03, drop_delay=n_d, **BIG), groups=groups)
     opt_a = build(case, params_a)

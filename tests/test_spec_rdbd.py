@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from spec_problems import SHAPES, NoisyQuadratic
+from spec_problems import SHAPES, NoisyQuadratic, set_grads
 
 from autolr_fused import FusedRDBD
 
@@ -196,17 +196,12 @@ def build(case: dict[str, Any], opt_params: list[torch.Tensor]) -> tuple[FusedRD
     return opt, cfgs
 
 
-def set_grads(opt_params: list[torch.Tensor], grads64: list[torch.Tensor]) -> None:
-    for p, g in zip(opt_params, grads64):
-        p.grad = g.to(torch.float32)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_rdbd_matches_naive_float64_loop_every_step(name: str) -> None:
     case = CASES[name]
     problem = NoisyQuadratic(seed=7, sigma=0.5)
     naive = [x.clone() for x in problem.initial]
-    opt_params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    opt_params = problem.float32_params()
     opt, cfgs = build(case, opt_params)
     states = [NaiveTensorState(lr=float(cfg["lr"])) for cfg in cfgs]
     counters = NaiveCounters()
@@ -251,7 +246,7 @@ def test_rdbd_regret_and_dbd_runs_differ_when_regrets_fire() -> None:
     runs = []
     for regret in (True, False):
         problem = NoisyQuadratic(seed=7, sigma=0.5)
-        params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+        params = problem.float32_params()
         opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, regret=regret, backend="reference")
         for _ in range(STEPS):
             set_grads(params, problem.grads([p.detach().double() for p in params]))
@@ -267,7 +262,7 @@ def test_rdbd_regret_and_dbd_runs_differ_when_regrets_fire() -> None:
 @pytest.mark.parametrize("nan_everywhere", [True, False], ids=["nan_in_every_tensor", "nan_in_one_tensor"])
 def test_rdbd_nan_gradient_leaves_its_tensors_lr_finite_and_unchanged(base_kw: dict, nan_everywhere: bool) -> None:
     problem = NoisyQuadratic(seed=3, sigma=0.5)
-    params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    params = problem.float32_params()
     opt = FusedRDBD(params, lr=0.01, meta_lr=1e-3, backend="reference", **base_kw)
     nan_step = 6
     for step in range(1, nan_step + 3):
@@ -296,7 +291,7 @@ def test_rdbd_nan_gradient_regrets_nothing_on_the_finite_entries() -> None:
     """Plain SGD: at the NaN step the finite entries move by exactly -lr * g with the old lr
     (no regret undo p += delta_{t-1} * d_{t-1}, though delta_{t-1} != 0)."""
     problem = NoisyQuadratic(seed=3, sigma=0.5)
-    params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    params = problem.float32_params()
     opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, backend="reference")
     lr_history = []
     for _ in range(5):
@@ -320,7 +315,7 @@ def test_rdbd_nan_gradient_regrets_nothing_on_the_finite_entries() -> None:
 # ------------------------------------------------------------------------ statistics
 def test_rdbd_stats_report_mean_min_max_of_per_tensor_lrs_and_inner_product() -> None:
     problem = NoisyQuadratic(seed=11, sigma=0.5)
-    params = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    params = problem.float32_params()
     opt = FusedRDBD(params, lr=0.05, meta_lr=2e-3, backend="reference")
     for _ in range(10):
         set_grads(params, problem.grads([p.detach().double() for p in params]))
@@ -346,7 +341,7 @@ def test_rdbd_stats_report_mean_min_max_of_per_tensor_lrs_and_inner_product() ->
 )
 def test_rdbd_state_dict_round_trip_mid_run_continues_bit_identically(kw: dict) -> None:
     problem = NoisyQuadratic(seed=5, sigma=0.5)
-    params_a = [x.float().clone().requires_grad_(True) for x in problem.initial]
+    params_a = problem.float32_params()
     opt_a = FusedRDBD(params_a, backend="reference", **kw)
 
     def grads_now() -> list[torch.Tensor]:
