@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_lr, check_range
+from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_range, check_sgd_arguments
 from autolr_fused.controllers import rdbd
 from autolr_fused.optim.base import AutoLROptimizer, lr_tensor
 from autolr_fused.optim.sgd import sgd_group_directions
@@ -78,18 +78,12 @@ class FusedRDBD(AutoLROptimizer):
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
+        check_sgd_arguments(group)  # lr, momentum, dampening, weight_decay, nesterov, maximize
         check_range("meta_lr", group["meta_lr"], 0.0)
         if not isinstance(group["base"], str):
             raise ArgumentTypeError(f"base must be a string, got {type(group['base']).__name__}")
         if group["base"] not in BASES:
             raise ValueError(f"unknown base={group['base']!r}; choose one of {BASES}")
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("dampening", group["dampening"], 0.0, 1.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
-        check_bool("nesterov", group["nesterov"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
         if group["base"] == "adam" and (group["momentum"] != 0 or group["nesterov"]):
             raise ValueError("momentum and nesterov apply to base='sgd'; base='adam' uses betas")
         betas = group["betas"]
@@ -100,7 +94,6 @@ class FusedRDBD(AutoLROptimizer):
         check_range("eps", group["eps"], 0.0)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_bool("regret", group["regret"])
-        check_bool("maximize", group["maximize"])
         bounds = group["lr_bounds"]
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
             raise ArgumentTypeError(f"lr_bounds must be a pair (low, high), each a float or None, got {bounds!r}")
