@@ -1,14 +1,9 @@
-"""The reference backend: every primitive written with plain PyTorch ops.
+"""The reference backend: every primitive written with plain PyTorch ops, one tensor at a time.
 
 This is the ground truth the fused backends are tested against. It follows
 ``shared/spec/algorithms.md`` literally and keeps torch.optim.SGD's and
 torch.optim.Adam's order of operations, so that FusedSGD matches torch.optim.SGD.
-
-Conventions: tensor lists are aligned (one entry per parameter); learning rates
-are a Python float, a 0-dim tensor, or a list with one 0-dim float32 tensor per
-parameter; every statistic is accumulated in float32 (``torch.sum`` of float32 is
-deterministic on a given device), one value per tensor.
-No primitive reads a device value back to the host.
+The primitives and their conventions are listed in ``primitives.py``.
 """
 
 from __future__ import annotations
@@ -18,146 +13,187 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-Lr = float | Tensor | Sequence[Tensor]
+from autolr_fused.backends.primitives import DIRECTION, REGULARIZED, Boundary
+from autolr_fused.directions import AdamConfig, SGDConfig
+
+Lr = float | Tensor
 
 
-def sgd_directions(
+def _lr_at(lr: Lr, i: int) -> Lr:
+    if isinstance(lr, Tensor):
+        return lr[0] if lr.numel() == 1 else lr[i]
+    return lr
+
+
+def _unscaled(g: Tensor, grad_scale: Tensor | None) -> Tensor:
+    return g if grad_scale is None else (g.float() / grad_scale.reshape(())).to(g.dtype)
+
+
+def _stats(rows: list[list[Tensor]], n_columns: int, device: torch.device) -> Tensor:
+    if not rows:
+        return torch.zeros((0, n_columns), dtype=torch.float32, device=device)
+    return torch.stack([torch.stack(row) for row in rows]).to(torch.float32)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.sum(a.float() * b.float())
+
+
+def _sgd_terms(
+    p: Tensor, g: Tensor, buf: Tensor | None, cfg: SGDConfig, first_step: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(regularized gradient r, direction d, new momentum buffer), without writing anything."""
+    r = -g if cfg.maximize else g
+    if cfg.weight_decay != 0:
+        r = r.add(p, alpha=cfg.weight_decay)
+    if cfg.momentum == 0:
+        return r, r, None
+    new_buf = r.clone() if first_step else buf.mul(cfg.momentum).add_(r, alpha=1 - cfg.dampening)
+    d = r.add(new_buf, alpha=cfg.momentum) if cfg.nesterov else new_buf
+    return r, d, new_buf
+
+
+def _adam_terms(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, cfg: AdamConfig, step: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(direction d, new first moment, new second moment), without writing anything."""
+    g = -g if cfg.maximize else g
+    if cfg.weight_decay != 0 and not cfg.decoupled_weight_decay:
+        g = g.add(p, alpha=cfg.weight_decay)
+    new_m = m.lerp(g, 1 - cfg.beta1)
+    new_v = v.mul(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+    bias_correction1 = 1 - cfg.beta1**step
+    bias_correction2_sqrt = (1 - cfg.beta2**step) ** 0.5
+    denom = (new_v.sqrt() / bias_correction2_sqrt).add_(cfg.eps)
+    return (new_m / bias_correction1) / denom, new_m, new_v
+
+
+def _update(p: Tensor, d: Tensor, lr: Lr) -> None:
+    if isinstance(lr, Tensor):
+        p.addcmul_(d, lr, value=-1)
+    else:
+        p.add_(d, alpha=-lr)
+
+
+def _finish(
+    i: int,
+    p: Tensor,
+    d: Tensor,
+    lr: Lr,
+    prevs: Sequence[Tensor] | None,
+    stored: Tensor | None,
+    regret: Tensor | None,
+    decay: float,
+) -> None:
+    """The writes every update shares: regret, decoupled decay, ``p -= lr * d``, the stored vector."""
+    lr_i = _lr_at(lr, i)
+    if regret is not None:
+        p.addcmul_(prevs[i], regret[i])
+    if decay != 0:
+        p.mul_(1 - lr_i * decay)
+    _update(p, d, lr_i)
+    if stored is not None:
+        prevs[i].copy_(stored)
+
+
+def boundary_pass(params: Sequence[Tensor], boundary: Boundary) -> Tensor:
+    """The snapshot pass of :class:`Boundary` alone, for tensors that were not all updated this step."""
+    rows = []
+    for i, p in enumerate(params):
+        snap, prev = boundary.snapshots[i], boundary.prev_displacements[i]
+        u = p.float() - snap.float()
+        if boundary.scale is not None:
+            u = u / _lr_at(boundary.scale, i)
+        rows.append([_dot(u, prev), _dot(u, u), _dot(prev, prev)])
+        prev.copy_(u)
+        snap.copy_(p)
+        if boundary.accumulators is not None:
+            boundary.accumulators[i].add_(p.float(), alpha=boundary.accumulate_weight)
+    return _stats(rows, 3, params[0].device if params else torch.device("cpu"))
+
+
+def sgd_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    momentum_buffers: list[Tensor | None],
+    buffers: Sequence[Tensor],
+    lr: Lr,
+    cfg: SGDConfig,
     *,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """torch.optim.SGD's update direction.
-
-    Returns ``(regularized, directions)``: the regularized gradient
-    ``(-g if maximize else g) + weight_decay * p`` and the direction ``d`` the
-    step multiplies by the lr. ``momentum_buffers`` is updated in place (a
-    ``None`` entry becomes a new buffer). The returned tensors may alias the
-    gradients or the buffers: copy before storing them.
-    """
-    regularized, directions = [], []
+    first_step: bool = False,
+    prevs: Sequence[Tensor] | None = None,
+    store: str | None = None,
+    regret: Tensor | None = None,
+    boundary: Boundary | None = None,
+    grad_scale: Tensor | None = None,
+) -> Tensor | None:
+    """One torch.optim.SGD step of every tensor (see ``primitives.py``)."""
     for i, (p, g) in enumerate(zip(params, grads)):
-        r = -g if maximize else g
-        if weight_decay != 0:
-            r = r.add(p, alpha=weight_decay)
-        d = r
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = r.detach().clone()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(r, alpha=1 - dampening)
-            d = r.add(buf, alpha=momentum) if nesterov else buf
-        regularized.append(r)
-        directions.append(d)
-    return regularized, directions
+        buf = buffers[i] if cfg.momentum != 0 else None
+        r, d, new_buf = _sgd_terms(p, _unscaled(g, grad_scale), buf, cfg, first_step)
+        stored = None if store is None else r if store == REGULARIZED else d
+        _finish(i, p, d, lr, prevs, stored, regret, 0.0)
+        if new_buf is not None:
+            buf.copy_(new_buf)
+    return None if boundary is None else boundary_pass(params, boundary)
 
 
-def adam_directions(
+def sgd_reduce(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    prevs: Sequence[Tensor],
+    cfg: SGDConfig,
+    *,
+    first_step: bool = False,
+    of: str = REGULARIZED,
+    grad_scale: Tensor | None = None,
+) -> Tensor:
+    """Per tensor ``(<a, prev>, ||a||^2)`` with ``a`` this step's regularized gradient or direction."""
+    rows = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        buf = buffers[i] if cfg.momentum != 0 else None
+        r, d, _ = _sgd_terms(p, _unscaled(g, grad_scale), buf, cfg, first_step)
+        a = d if of == DIRECTION else r
+        rows.append([_dot(a, prevs[i]), _dot(a, a)])
+    return _stats(rows, 2, params[0].device if params else torch.device("cpu"))
+
+
+def adam_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[int],
+    lr: Lr,
+    cfg: AdamConfig,
     *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-) -> list[Tensor]:
-    """torch.optim.Adam's direction ``m_hat / (sqrt(v_hat) + eps)``.
-
-    ``steps`` are the step numbers after this step's increment (1 on the first).
-    Moments are updated in place. Decoupled weight decay is not part of the
-    direction: the caller applies ``p *= 1 - lr * weight_decay``.
-    """
-    directions = []
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        g = -g if maximize else g
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = g.add(p, alpha=weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        directions.append((m / bias_correction1) / denom)
-    return directions
+    step: int,
+    prevs: Sequence[Tensor] | None = None,
+    regret: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+) -> None:
+    """One torch.optim.Adam/AdamW step (``step`` counts this one: 1 first); stores ``d`` into ``prevs``."""
+    decay = cfg.weight_decay if cfg.decoupled_weight_decay else 0.0
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        d, new_m, new_v = _adam_terms(p, _unscaled(g, grad_scale), m, v, cfg, step)
+        _finish(i, p, d, lr, prevs, d if prevs is not None else None, regret, decay)
+        m.copy_(new_m)
+        v.copy_(new_v)
 
 
-def apply_update(params: Sequence[Tensor], directions: Sequence[Tensor], lr: Lr) -> None:
-    """``p -= lr * d`` for every tensor; ``lr`` as in the module docstring."""
-    for i, (p, d) in enumerate(zip(params, directions)):
-        lr_i = lr[i] if isinstance(lr, (list, tuple)) else lr
-        if isinstance(lr_i, Tensor):
-            p.addcmul_(d, lr_i.to(p.device).reshape(()), value=-1)
-        else:
-            p.add_(d, alpha=-lr_i)
-
-
-def decay_(params: Sequence[Tensor], lr: Lr, weight_decay: float) -> None:
-    """Decoupled weight decay ``p *= 1 - lr * weight_decay``."""
-    for i, p in enumerate(params):
-        lr_i = lr[i] if isinstance(lr, (list, tuple)) else lr
-        if isinstance(lr_i, Tensor):
-            p.mul_((1 - lr_i * weight_decay).to(p.device))
-        else:
-            p.mul_(1 - lr_i * weight_decay)
-
-
-def _stack(values: list[Tensor], device: torch.device) -> Tensor:
-    if not values:
-        return torch.zeros(0, dtype=torch.float32, device=device)
-    return torch.stack([v.to(device) for v in values])
-
-
-def dots(a: Sequence[Tensor], b: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Per-tensor ``<a_i, b_i>`` in float32, as a 1-D tensor on ``device``."""
-    return _stack([torch.sum(x.float() * y.float()) for x, y in zip(a, b)], device)
-
-
-def squared_norms(a: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Per-tensor ``||a_i||^2`` in float32, as a 1-D tensor on ``device``."""
-    return _stack([torch.sum(x.float() * x.float()) for x in a], device)
-
-
-def copy_into(dst: list[Tensor | None], src: Sequence[Tensor]) -> None:
-    """``dst[i] = src[i]`` as a copy in the destination's dtype; ``None`` entries get new tensors."""
-    for i, s in enumerate(src):
-        if dst[i] is None:
-            dst[i] = s.detach().clone(memory_format=torch.preserve_format)
-        else:
-            dst[i].copy_(s)
-
-
-def displacements(
-    params: Sequence[Tensor], snapshots: Sequence[Tensor], scale: Sequence[Tensor | float] | None = None
-) -> list[Tensor]:
-    """``(p - snapshot) / scale`` per tensor, computed in float32."""
-    out = []
-    for i, (p, s) in enumerate(zip(params, snapshots)):
-        disp = p.float() - s.float()
-        if scale is not None:
-            disp = disp / (scale[i].to(p.device) if isinstance(scale[i], Tensor) else scale[i])
-        out.append(disp)
-    return out
-
-
-def accumulate_weighted(accumulators: Sequence[Tensor], params: Sequence[Tensor], weight: float) -> None:
-    """``z += weight * p`` per tensor (float32 accumulators)."""
-    for z, p in zip(accumulators, params):
-        z.add_(p.float(), alpha=weight)
-
-
-def replace_with_average(params: Sequence[Tensor], accumulators: Sequence[Tensor], total_weight: float) -> None:
-    """``p = z / total_weight`` per tensor."""
-    for p, z in zip(params, accumulators):
-        p.copy_(z / total_weight)
+def adam_reduce(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    prevs: Sequence[Tensor],
+    cfg: AdamConfig,
+    *,
+    step: int,
+    grad_scale: Tensor | None = None,
+) -> Tensor:
+    """Per tensor ``(<d, prev>, ||d||^2)`` with ``d`` this step's Adam direction."""
+    rows = []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        d, _, _ = _adam_terms(p, _unscaled(g, grad_scale), m, v, cfg, step)
+        rows.append([_dot(d, prevs[i]), _dot(d, d)])
+    return _stats(rows, 2, params[0].device if params else torch.device("cpu"))

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_int, check_range
+from autolr_fused.backends.primitives import Boundary, lr_vector
 from autolr_fused.controllers import autodrop
+from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
 
 
@@ -107,63 +109,78 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         return autodrop.initial_state(float(defaults["threshold"]))
 
     def _step(self) -> None:
-        params = self._all_params()
-        for p in params:
+        ops, config, c = self._ops, self.defaults, self._controller
+        for p in self._all_params():
             if "snapshot" not in self.state[p]:  # x_0: the parameters before their first step
                 self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+        c["step_in_epoch"] += 1
+        at_end = c["step_in_epoch"] >= config["steps_per_epoch"]
+        # While a drop is pending, this epoch end accumulates z += k * x_e with k known now.
+        weight = c["k"] + 1 if c["drop_pending"] else 0
+        stats = []
         for group in self.param_groups:
-            self._sgd_group_step(group)
-        self._controller["step_in_epoch"] += 1
-        if self._controller["step_in_epoch"] >= self.defaults["steps_per_epoch"]:
-            self._controller["step_in_epoch"] = 0
-            self._end_epoch(params)
+            params = self._grad_params(group)
+            fused = at_end and len(params) == len(group["params"])
+            cfg, lr = SGDConfig.of_group(group), lr_vector(group["lr"], self._device())
+            for unit in self._units(group, params):
+                out = ops.sgd_step(
+                    unit.params,
+                    unit.grads,
+                    unit.buffers,
+                    lr,
+                    cfg,
+                    first_step=unit.first_step,
+                    boundary=self._boundary(unit.params, weight) if fused else None,
+                    grad_scale=self._grad_scale,
+                )
+                if fused:
+                    stats.append(out)
+            if at_end and not fused and group["params"]:
+                stats.append(ops.boundary_pass(group["params"], self._boundary(group["params"], weight)))
+        if at_end:
+            c["step_in_epoch"] = 0
+            self._end_epoch(torch.cat(stats) if stats else None, weight)
 
-    def _end_epoch(self, params: list[Tensor]) -> None:
-        ops, device, config = self._ops, self._device(), self.defaults
-        states = [self.state[p] for p in params]
-        displacement = ops.displacements(params, [s["snapshot"] for s in states])
-        with_prev = [i for i, s in enumerate(states) if "prev_displacement" in s]
-        sums = torch.stack(
-            [
-                ops.dots(
-                    [displacement[i] for i in with_prev], [states[i]["prev_displacement"] for i in with_prev], device
-                ).sum(),
-                ops.squared_norms(displacement, device).sum(),
-                ops.squared_norms([states[i]["prev_displacement"] for i in with_prev], device).sum(),
-            ]
+    def _boundary(self, params: list[Tensor], weight: int) -> Boundary:
+        """The epoch-end pass: s_e = x_e - x_{e-1} into ``prev_displacement``, and z += k * x_e if pending."""
+        return Boundary(
+            snapshots=[self.state[p]["snapshot"] for p in params],
+            prev_displacements=self._prevs(params, "prev_displacement"),
+            accumulators=[self.state[p]["average"] for p in params] if weight else None,
+            accumulate_weight=float(weight),
         )
-        dot, sq_norm, sq_norm_prev = sums.tolist()  # the one synchronisation of the epoch
+
+    def _end_epoch(self, stats: Tensor | None, weight: int) -> None:
+        config, c = self.defaults, self._controller
+        params = self._all_params()
+        dot, sq_norm, sq_norm_prev = (0.0, 0.0, 0.0) if stats is None else stats.sum(0).tolist()  # the one sync
         decision = autodrop.end_epoch(
-            self._controller,
+            c,
             dot,
             sq_norm,
-            sq_norm_prev if with_prev else None,
+            sq_norm_prev if c["epoch"] >= 1 else None,  # s_{e-1} exists from the second epoch end on
             angle_window=config["angle_window"],
             drop_delay=config["drop_delay"],
             drop_factor=config["drop_factor"],
             max_threshold=config["max_threshold"],
         )
-        if decision.accumulate_weight:
-            if decision.accumulate_weight == 1:  # z = 0 at the trigger, then z += 1 * x_e
-                for p, s in zip(params, states):
-                    s["average"] = p.detach().to(torch.float32, copy=True)
-            else:
-                ops.accumulate_weighted([s["average"] for s in states], params, float(decision.accumulate_weight))
+        if decision.accumulate_weight == 1:  # the trigger epoch: z = 1 * x_e
+            for p in params:
+                self.state[p]["average"] = p.detach().to(torch.float32, copy=True)
+        elif decision.accumulate_weight != weight:  # pragma: no cover - the controller and the pass disagree
+            raise RuntimeError("AutoDrop accumulated the average with a weight the controller did not choose")
         if decision.drop:
             n_d = config["drop_delay"]
-            ops.replace_with_average(params, [s.pop("average") for s in states], n_d * (n_d + 1) / 2)
+            for p in params:
+                state = self.state[p]
+                p.copy_(state.pop("average") / (n_d * (n_d + 1) / 2))
+                state["snapshot"].copy_(p)  # the replaced parameters are x_e for the next s
             for group in self.param_groups:
                 new_lr = max(config["min_lr"], config["drop_factor"] * float(group["lr"]))
                 if isinstance(group["lr"], Tensor):
                     group["lr"].fill_(new_lr)
                 else:
                     group["lr"] = new_lr
-        for p, s, disp in zip(params, states, displacement):
-            s["snapshot"].copy_(p)
-            if "prev_displacement" in s:
-                s["prev_displacement"].copy_(disp)
-            else:
-                s["prev_displacement"] = disp.to(p.dtype)
 
     def stats(self) -> dict[str, float]:
         c = self._controller

@@ -37,6 +37,9 @@ class AutoLROptimizer(torch.optim.Optimizer):
       a 0-dim float32 tensor on the parameters' device.
     """
 
+    # GradScaler hands this optimizer its scale and inf flag (``grad_scale``/``found_inf``
+    # attributes) instead of unscaling the gradients itself; the primitives unscale.
+    _step_supports_amp_scaling = True
     _global_keys: tuple[str, ...] = ()
     _float32_state_keys: tuple[str, ...] = ()
     _lr_on_device: bool = False
@@ -48,6 +51,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._controller: dict[str, Any] = self._initial_controller_state(defaults)
         # The last per-step statistics, as device tensors (read only by stats()), saved in state_dict.
         self._statistics: dict[str, Tensor] = {}
+        self._grad_scale: Tensor | None = None  # GradScaler's scale during a step, else None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -87,6 +91,16 @@ class AutoLROptimizer(torch.optim.Optimizer):
     def _grad_params(group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
+    def _prevs(self, params: list[Tensor], key: str) -> list[Tensor]:
+        """``state[p][key]`` of every tensor, created as zeros (parameter dtype and layout) where missing."""
+        out = []
+        for p in params:
+            state = self.state[p]
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(state[key])
+        return out
+
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -105,7 +119,17 @@ class AutoLROptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         check_gradients(self.param_groups)
-        self._step()
+        found_inf = getattr(self, "found_inf", None)
+        # A step GradScaler skips changes nothing, host-side counters included, so the
+        # flag is read here: the one synchronisation of a step under a GradScaler.
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        self._grad_scale = None if grad_scale is None else grad_scale.to(torch.float32).reshape(1)
+        try:
+            self._step()
+        finally:
+            self._grad_scale = None
         return loss
 
     def _step(self) -> None:  # pragma: no cover - abstract

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_range, check_sgd_arguments
+from autolr_fused.backends.primitives import DIRECTION, lr_vector
 from autolr_fused.controllers import rdbd
+from autolr_fused.directions import AdamConfig, SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer, lr_tensor
-from autolr_fused.optim.sgd import sgd_group_directions
+from autolr_fused.optim.sgd import Unit, momentum_units
 
 BASES = ("sgd", "adam")
 
@@ -102,94 +104,88 @@ class FusedRDBD(AutoLROptimizer):
             raise ValueError(f"lr_bounds=(low, high) needs low <= high, got {bounds!r}")
 
     # --------------------------------------------------------------------- step
-    def _directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+    def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
+        """SGD base: momentum units. Adam base: units of equal step count, ``buffers`` = exp_avg + exp_avg_sq."""
         if group["base"] == "sgd":
-            return sgd_group_directions(self, group, params)[1]
-        states = [self.state[p] for p in params]
-        for p, s in zip(params, states):
+            return momentum_units(self, group, params)
+        by_step: dict[int, list[Tensor]] = {}
+        for p in params:
+            s = self.state[p]
             if "exp_avg" not in s:
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["step"] = 0
             s["step"] += 1
-        beta1, beta2 = group["betas"]
-        return self._ops.adam_directions(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            maximize=group["maximize"],
-        )
+            by_step.setdefault(s["step"], []).append(p)
+        return [
+            Unit(ps, [p.grad for p in ps], [self.state[p][k] for k in ("exp_avg", "exp_avg_sq") for p in ps], False)
+            for ps in by_step.values()
+        ]
+
+    def _primitive_args(self, group: dict[str, Any], unit: Unit) -> tuple[list, Any, dict[str, Any]]:
+        """(state lists, config, keywords) of the SGD or Adam primitives for ``unit``."""
+        if group["base"] == "sgd":
+            return [unit.buffers], SGDConfig.of_group(group), {"first_step": unit.first_step}
+        n = len(unit.params)
+        step = self.state[unit.params[0]]["step"]
+        return [unit.buffers[:n], unit.buffers[n:]], AdamConfig.of_group(group), {"step": step}
 
     def _step(self) -> None:
-        ops, device = self._ops, self._device()
-        params, directions, segments = [], [], []  # segments: (group, first index, end index)
+        ops, grad_scale = self._ops, self._grad_scale
+        work = []  # (group, unit, prevs)
         for group in self.param_groups:
-            group_params = self._grad_params(group)
-            if not group_params:
-                continue
-            for p in group_params:
+            params = self._grad_params(group)
+            for p in params:
                 state = self.state[p]
                 if "lr" not in state:
                     state["lr"] = lr_tensor(group["lr"], p.device)
                     state["prev_h"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["prev_delta"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            segments.append((group, len(params), len(params) + len(group_params)))
-            params += group_params
-            directions += self._directions(group, group_params)
-        if not params:
+            for unit in self._units(group, params):
+                work.append((group, unit, self._prevs(unit.params, "prev_direction")))
+        if not work:
             return
+        h = []  # h_t per tensor: <d_t, d_{t-1}>, 0 where d_{t-1} does not exist yet (zeros)
+        for group, unit, prevs in work:
+            lists, cfg, kw = self._primitive_args(group, unit)
+            reduce = ops.sgd_reduce if group["base"] == "sgd" else ops.adam_reduce
+            of = {"of": DIRECTION} if group["base"] == "sgd" else {}
+            h.append(reduce(unit.params, unit.grads, *lists, prevs, cfg, grad_scale=grad_scale, **kw, **of)[:, 0])
+        params = [p for _, unit, _ in work for p in unit.params]
         states = [self.state[p] for p in params]
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        h_per_tensor = [zero] * len(params)  # h_1 = 0
-        with_prev = [i for i, s in enumerate(states) if "prev_direction" in s]
-        if with_prev:
-            dots = ops.dots(
-                [directions[i] for i in with_prev], [states[i]["prev_direction"] for i in with_prev], device
-            )
-            for i, value in zip(with_prev, dots.unbind(0)):
-                h_per_tensor[i] = value
-        h = torch.stack(h_per_tensor)
+        device = params[0].device
 
         def stacked(key: str) -> Tensor:
-            return torch.stack([s[key].to(device) for s in states])
+            return lr_vector([s[key] for s in states], device)
 
-        prev_h, prev_delta, old_lr = stacked("prev_h"), stacked("prev_delta"), stacked("lr")
-        parts = [
-            rdbd.update(
-                h[start:end],
-                prev_h[start:end],
-                prev_delta[start:end],
-                old_lr[start:end],
-                meta_lr=float(group["meta_lr"]),
-                low=None if group["lr_bounds"][0] is None else float(group["lr_bounds"][0]),
-                high=None if group["lr_bounds"][1] is None else float(group["lr_bounds"][1]),
-                regret=bool(group["regret"]),
+        h_all, prev_h, prev_delta, old_lr = torch.cat(h), stacked("prev_h"), stacked("prev_delta"), stacked("lr")
+        updates, start = [], 0
+        for group, unit, _ in work:
+            end = start + len(unit.params)
+            low, high = (None if b is None else float(b) for b in group["lr_bounds"])
+            updates.append(
+                rdbd.update(
+                    h_all[start:end],
+                    prev_h[start:end],
+                    prev_delta[start:end],
+                    old_lr[start:end],
+                    meta_lr=float(group["meta_lr"]),
+                    low=low,
+                    high=high,
+                    regret=bool(group["regret"]),
+                )
             )
-            for group, start, end in segments
-        ]
-        result = rdbd.RDBDUpdate(*(torch.cat(field) for field in zip(*(vars(u).values() for u in parts))))
-        for i in with_prev:  # undo a regretted lr change on the parameters (adds 0 where none fired)
-            params[i].addcmul_(states[i]["prev_direction"], result.regret_delta[i].to(params[i].device))
-        for s, new_lr, delta, h_i in zip(states, result.lr.unbind(0), result.delta.unbind(0), result.h.unbind(0)):
-            s["lr"].copy_(new_lr)
-            s["prev_delta"].copy_(delta)
-            s["prev_h"].copy_(h_i)
-        lrs = [s["lr"] for s in states]
-        for group, start, end in segments:
-            if group["base"] == "adam" and group["decoupled_weight_decay"] and group["weight_decay"] != 0:
-                ops.decay_(params[start:end], lrs[start:end], group["weight_decay"])
-        ops.apply_update(params, directions, lrs)
-        prev = [s.get("prev_direction") for s in states]
-        ops.copy_into(prev, directions)
-        for s, d in zip(states, prev):
-            s["prev_direction"] = d
+            start = end
+        for key, field in (("lr", "lr"), ("prev_delta", "delta"), ("prev_h", "h")):
+            values = torch.cat([getattr(u, field) for u in updates])
+            torch._foreach_copy_([s[key] for s in states], list(values.unbind(0)))
+        for (group, unit, prevs), u in zip(work, updates):
+            lists, cfg, kw = self._primitive_args(group, unit)
+            regret = u.regret_delta if group["regret"] else None
+            if group["base"] == "sgd":
+                kw["store"] = DIRECTION
+            step = ops.sgd_step if group["base"] == "sgd" else ops.adam_step
+            step(unit.params, unit.grads, *lists, u.lr, cfg, prevs=prevs, regret=regret, grad_scale=grad_scale, **kw)
 
     def stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_sgd_arguments
+from autolr_fused.backends.primitives import lr_vector
+from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer
 
 
@@ -40,28 +44,36 @@ def sgd_defaults(
     )
 
 
-def sgd_group_directions(
-    optimizer: AutoLROptimizer, group: dict[str, Any], params: list[Tensor]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """torch.optim.SGD's (regularized gradients, directions) for ``params`` of ``group``.
+@dataclass
+class Unit:
+    """Tensors of one group stepped by one primitive call: their momentum buffers are all new or all old."""
 
-    Momentum buffers live in ``optimizer.state[p]["momentum_buffer"]`` (torch's layout).
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: list[Tensor]  # empty without momentum
+    first_step: bool  # the buffers are new (uninitialised) and become this step's r
+
+
+def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
+    """Split ``params`` of ``group`` into at most two units (new and existing momentum buffers).
+
+    New buffers are allocated here, in ``optimizer.state[p]["momentum_buffer"]``
+    (torch.optim.SGD's layout); the primitive fills them.
     """
-    momentum = group["momentum"]
-    buffers = [optimizer.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-    regularized, directions = optimizer._ops.sgd_directions(
-        params,
-        [p.grad for p in params],
-        buffers,
-        momentum=momentum,
-        dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-        nesterov=group["nesterov"],
-        maximize=group["maximize"],
-    )
-    for p, buf in zip(params, buffers):
-        optimizer.state[p]["momentum_buffer"] = buf
-    return regularized, directions
+    if not params:
+        return []
+    if group["momentum"] == 0:
+        return [Unit(params, [p.grad for p in params], [], False)]
+    units = []
+    for first_step in (False, True):
+        chosen = [p for p in params if ("momentum_buffer" not in optimizer.state[p]) == first_step]
+        if first_step:
+            for p in chosen:
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        if chosen:
+            buffers = [optimizer.state[p]["momentum_buffer"] for p in chosen]
+            units.append(Unit(chosen, [p.grad for p in chosen], buffers, first_step))
+    return units
 
 
 class SGDDirectionOptimizer(AutoLROptimizer):
@@ -79,16 +91,25 @@ class SGDDirectionOptimizer(AutoLROptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _directions(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """(regularized gradients, update directions) of ``params``; advances momentum buffers."""
-        return sgd_group_directions(self, group, params)
+    def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
+        return momentum_units(self, group, params)
 
     def _sgd_group_step(self, group: dict[str, Any]) -> None:
         """One torch.optim.SGD step of a group at the group's current lr."""
         params = self._grad_params(group)
-        if params:
-            _, directions = self._directions(group, params)
-            self._ops.apply_update(params, directions, group["lr"])
+        if not params:
+            return
+        cfg, lr = SGDConfig.of_group(group), lr_vector(group["lr"], params[0].device)
+        for unit in self._units(group, params):
+            self._ops.sgd_step(
+                unit.params,
+                unit.grads,
+                unit.buffers,
+                lr,
+                cfg,
+                first_step=unit.first_step,
+                grad_scale=self._grad_scale,
+            )
 
 
 class FusedSGD(SGDDirectionOptimizer):

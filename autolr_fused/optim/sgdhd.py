@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_range
+from autolr_fused.backends.primitives import DIRECTION, REGULARIZED
 from autolr_fused.controllers import hypergradient
+from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
 
 
@@ -56,31 +59,50 @@ class FusedSGDHD(SGDDirectionOptimizer):
         super()._check_group(group)
         check_range("hypergrad_lr", group["hypergrad_lr"], 0.0)
 
+    def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        return {"step": 0}
+
     def _step(self) -> None:
-        ops, device = self._ops, self._device()
-        work, newer, older = [], [], []
+        ops, grad_scale = self._ops, self._grad_scale
+        work = []  # (group, unit, prevs) for every group with gradients
         for group in self.param_groups:
-            params = self._grad_params(group)
-            if not params:
-                continue
-            regularized, directions = self._directions(group, params)
-            work.append((group, params, directions))
-            for p, r in zip(params, regularized):
-                if "prev_direction" in self.state[p]:
-                    newer.append(r)
-                    older.append(self.state[p]["prev_direction"])
-        if newer:
-            h = ops.dots(newer, older, device).sum()
+            for unit in self._units(group, self._grad_params(group)):
+                work.append((group, unit, self._prevs(unit.params, "prev_direction")))
+        if not work:
+            return
+        if self._controller["step"] >= 1:  # t >= 2: <r_t, d_{t-1}> (0 for a tensor without d_{t-1})
+            h = torch.cat(
+                [
+                    ops.sgd_reduce(
+                        unit.params,
+                        unit.grads,
+                        unit.buffers,
+                        prevs,
+                        SGDConfig.of_group(group),
+                        first_step=unit.first_step,
+                        of=REGULARIZED,
+                        grad_scale=grad_scale,
+                    )[:, 0]
+                    for group, unit, prevs in work
+                ]
+            ).sum()
             for group in self.param_groups:
                 lr = self._lr_tensor(group)
                 lr.copy_(hypergradient.update(lr, h.to(lr.device), float(group["hypergrad_lr"])))
             self._statistics["inner_product"] = h
-        for group, params, directions in work:
-            ops.apply_update(params, directions, self._lr_tensor(group))
-            prev = [self.state[p].get("prev_direction") for p in params]
-            ops.copy_into(prev, directions)
-            for p, d in zip(params, prev):
-                self.state[p]["prev_direction"] = d
+        self._controller["step"] += 1
+        for group, unit, prevs in work:
+            ops.sgd_step(
+                unit.params,
+                unit.grads,
+                unit.buffers,
+                self._lr_tensor(group).reshape(1),
+                SGDConfig.of_group(group),
+                first_step=unit.first_step,
+                prevs=prevs,
+                store=DIRECTION,
+                grad_scale=grad_scale,
+            )
 
     def stats(self) -> dict[str, float]:
         h = self._statistics.get("inner_product")

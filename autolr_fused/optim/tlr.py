@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_bool, check_int, check_range
+from autolr_fused.backends.primitives import REGULARIZED, Boundary, lr_vector
 from autolr_fused.controllers import tlr
+from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.base import lr_tensor
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
 
@@ -87,35 +89,29 @@ class FusedTLR(SGDDirectionOptimizer):
         return {"step": 0, "step_in_window": 0, "windows": 0}
 
     # ------------------------------------------------------------------ helpers
-    def _lrs(self, group: dict[str, Any], params: list[Tensor]) -> Tensor | list[Tensor]:
-        """The lr each of ``params`` is updated with (per-layer: created from the group lr)."""
+    def _lrs(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
+        """The lrs ``params`` are updated with, as the primitives take them (per layer: one per tensor)."""
         if not self.defaults["per_layer"]:
-            return self._lr_tensor(group)
-        lrs = []
+            return self._lr_tensor(group).reshape(1)
         for p in params:
-            state = self.state[p]
-            if "lr" not in state:
-                state["lr"] = lr_tensor(group["lr"], p.device)
-            lrs.append(state["lr"])
-        return lrs
+            if "lr" not in self.state[p]:
+                self.state[p]["lr"] = lr_tensor(group["lr"], p.device)
+        return lr_vector([self.state[p]["lr"] for p in params], params[0].device)
 
-    def _apply_factor(self, h: Tensor, q: Tensor, lrs: list[Tensor]) -> None:
-        """Multiply ``lrs`` (one per tensor in h, q; or the group lrs when global) by the change factor."""
+    def _apply_factor(self, stats: Tensor, params: list[Tensor]) -> None:
+        """Multiply the lrs by the change factor of ``stats`` rows ``(h, q)``, one row per tensor of ``params``."""
         bound = self.defaults["bound"]
         if self.defaults["per_layer"]:
-            if len(lrs):
-                factor = tlr.change_factor(h, q, bound)
-                torch._foreach_mul_(lrs, list(factor.unbind(0)))
-                self._statistics["factor"] = factor
+            factor = tlr.change_factor(stats[:, 0], stats[:, 1], bound)
+            torch._foreach_mul_([self.state[p]["lr"] for p in params], list(factor.unbind(0)))
         else:
-            factor = tlr.change_factor(h.sum(), q.sum(), bound)
+            factor = tlr.change_factor(stats[:, 0].sum(), stats[:, 1].sum(), bound)
             for group in self.param_groups:
                 self._lr_tensor(group).mul_(factor)
-            self._statistics["factor"] = factor
+        self._statistics["factor"] = factor
 
     # --------------------------------------------------------------------- step
     def _step(self) -> None:
-        self._controller["step"] += 1
         if self.defaults["steps_per_epoch"] is None:
             self._step_mode()
         else:
@@ -123,72 +119,97 @@ class FusedTLR(SGDDirectionOptimizer):
 
     def _step_mode(self) -> None:
         """Algorithm 2: scale the lr by the factor of <r_t, r_{t-1}> before the update."""
-        ops, device = self._ops, self._device()
-        work = []  # (params, regularized, directions, group) of every group with gradients
-        newer, older, lrs = [], [], []
+        ops, grad_scale = self._ops, self._grad_scale
+        work = []  # (group, unit, prevs) for every group with gradients
         for group in self.param_groups:
-            params = self._grad_params(group)
-            if not params:
-                continue
-            regularized, directions = self._directions(group, params)
-            group_lrs = self._lrs(group, params)
-            work.append((params, regularized, directions, group_lrs))
-            for i, (p, r) in enumerate(zip(params, regularized)):
-                if "prev_grad" in self.state[p]:
-                    newer.append(r)
-                    older.append(self.state[p]["prev_grad"])
-                    if self.defaults["per_layer"]:
-                        lrs.append(group_lrs[i])
-        if newer:
-            self._apply_factor(ops.dots(newer, older, device), ops.squared_norms(newer, device), lrs)
-        for params, regularized, directions, group_lrs in work:
-            ops.apply_update(params, directions, group_lrs)
-            prev = [self.state[p].get("prev_grad") for p in params]
-            ops.copy_into(prev, regularized)
-            for p, buf in zip(params, prev):
-                self.state[p]["prev_grad"] = buf
+            for unit in self._units(group, self._grad_params(group)):
+                work.append((group, unit, self._prevs(unit.params, "prev_grad")))
+        if not work:
+            return
+        if self._controller["step"] >= 1:  # t >= 2
+            stats = [
+                ops.sgd_reduce(
+                    unit.params,
+                    unit.grads,
+                    unit.buffers,
+                    prevs,
+                    SGDConfig.of_group(group),
+                    first_step=unit.first_step,
+                    of=REGULARIZED,
+                    grad_scale=grad_scale,
+                )
+                for group, unit, prevs in work
+            ]
+            self._apply_factor(torch.cat(stats), [p for _, unit, _ in work for p in unit.params])
+        self._controller["step"] += 1
+        for group, unit, prevs in work:
+            ops.sgd_step(
+                unit.params,
+                unit.grads,
+                unit.buffers,
+                self._lrs(group, unit.params),
+                SGDConfig.of_group(group),
+                first_step=unit.first_step,
+                prevs=prevs,
+                store=REGULARIZED,
+                grad_scale=grad_scale,
+            )
 
     def _window_mode(self) -> None:
-        """Section 4: the factor of consecutive window displacements, at window ends."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if "snapshot" not in self.state[p]:
-                    self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
-            params = self._grad_params(group)
-            if params:
-                _, directions = self._directions(group, params)
-                self._ops.apply_update(params, directions, self._lrs(group, params))
+        """Section 4: the factor of consecutive window displacements, at window ends.
+
+        The window's last update and the snapshot pass run as one primitive call
+        where every tensor of a group has a gradient.
+        """
+        ops, grad_scale = self._ops, self._grad_scale
+        self._controller["step"] += 1
         self._controller["step_in_window"] += 1
         window = tlr.window_length(self.defaults["steps_per_epoch"], self.defaults["update_fraction"])
-        if self._controller["step_in_window"] >= window:
+        at_end = self._controller["step_in_window"] >= window
+        stats, stepped = [], []
+        for group in self.param_groups:
+            all_params = group["params"]
+            self._take_first_snapshots(all_params)
+            params = self._grad_params(group)
+            fused = at_end and len(params) == len(all_params)
+            for unit in self._units(group, params):
+                lrs = self._lrs(group, unit.params)
+                boundary = self._boundary(unit.params, lrs) if fused else None
+                out = ops.sgd_step(
+                    unit.params,
+                    unit.grads,
+                    unit.buffers,
+                    lrs,
+                    SGDConfig.of_group(group),
+                    first_step=unit.first_step,
+                    boundary=boundary,
+                    grad_scale=grad_scale,
+                )
+                if fused:
+                    stats.append(out)
+                    stepped += unit.params
+            if at_end and not fused and all_params:
+                stats.append(ops.boundary_pass(all_params, self._boundary(all_params, self._lrs(group, all_params))))
+                stepped += all_params
+        if at_end:
             self._controller["step_in_window"] = 0
             self._controller["windows"] += 1
-            self._end_window()
+            if self._controller["windows"] >= 2 and stepped:  # j >= 2: u_{j-1} exists
+                self._apply_factor(torch.cat(stats)[:, :2], stepped)
 
-    def _end_window(self) -> None:
-        ops, device = self._ops, self._device()
-        params, lrs = [], []
-        for group in self.param_groups:
-            group_params = [p for p in group["params"] if "snapshot" in self.state[p]]
-            params += group_params
-            group_lrs = self._lrs(group, group_params)
-            lrs += group_lrs if isinstance(group_lrs, list) else [group_lrs] * len(group_params)
-        states = [self.state[p] for p in params]
-        scaled = ops.displacements(params, [s["snapshot"] for s in states], lrs)  # u_j
-        with_prev = [i for i, s in enumerate(states) if "prev_update" in s]
-        if with_prev:
-            newer = [scaled[i] for i in with_prev]
-            self._apply_factor(
-                ops.dots(newer, [states[i]["prev_update"] for i in with_prev], device),
-                ops.squared_norms(newer, device),
-                [lrs[i] for i in with_prev],
-            )
-        for p, s, u in zip(params, states, scaled):
-            s["snapshot"].copy_(p)
-            if "prev_update" in s:
-                s["prev_update"].copy_(u)
-            else:
-                s["prev_update"] = u.to(p.dtype)
+    def _take_first_snapshots(self, params: list[Tensor]) -> None:
+        """x_snap of a tensor that has none yet: the parameters before this step."""
+        for p in params:
+            if "snapshot" not in self.state[p]:
+                self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+
+    def _boundary(self, params: list[Tensor], lrs: Tensor) -> Boundary:
+        """The window-end pass: u_j = (x_now - x_snap) / lr_j into ``prev_update``."""
+        return Boundary(
+            snapshots=[self.state[p]["snapshot"] for p in params],
+            prev_displacements=self._prevs(params, "prev_update"),
+            scale=lrs,
+        )
 
     def stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]
