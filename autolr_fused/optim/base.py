@@ -53,6 +53,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._statistics: dict[str, Tensor] = {}
         self._grad_scale: Tensor | None = None  # GradScaler's scale during a step, else None
         super().__init__(params, defaults)
+        if backend == "auto":  # now that the parameters' device is known
+            self.backend, self._ops = resolve_backend(backend, self._device())
 
     # ----------------------------------------------------------------- groups
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract

@@ -1,0 +1,218 @@
+"""The compiled extension's fused ops (``torch.ops.autolr_fused``), shared by the cpu and cuda backends.
+
+``csrc/bindings.cpp`` declares the op schemas once; ``csrc/cpu`` and ``csrc/cuda``
+register their implementations under the same names. This module loads the
+extension, registers fake kernels so that ``torch.compile`` traces the ops
+(their outputs' shapes are known from the inputs), and turns the primitives'
+Python arguments (``primitives.py``) into the ops' flat arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from autolr_fused.backends.primitives import DIRECTION, REGULARIZED, Boundary
+from autolr_fused.directions import AdamConfig, SGDConfig
+
+try:
+    from autolr_fused import _C  # noqa: F401  (registers torch.ops.autolr_fused)
+
+    LOADED = True
+except ImportError:  # built without the extension (AUTOLR_FUSED_NO_EXT=1, no compiler, no torch at build)
+    LOADED = False
+
+_STORE = {None: 0, REGULARIZED: 1, DIRECTION: 2}
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension has kernels for ``device_type`` ("cpu" or "cuda")."""
+    if not LOADED:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("autolr_fused::sgd_step", key)
+
+
+if LOADED:
+
+    def _stats_like(params: Sequence[Tensor], columns: int) -> Tensor:
+        device = params[0].device if params else torch.device("cpu")
+        return torch.empty((len(params), columns), dtype=torch.float32, device=device)
+
+    @torch.library.register_fake("autolr_fused::sgd_step")
+    def _(params, grads, buffers, lr, lr_value, momentum, dampening, weight_decay, nesterov, maximize,
+          first_step, prevs, store, regret, snapshots, prev_displacements, scale, accumulators,
+          accumulate_weight, grad_scale):  # fmt: skip
+        return _stats_like(params, 3) if snapshots else _stats_like([], 3)
+
+    @torch.library.register_fake("autolr_fused::sgd_reduce")
+    def _(params, grads, buffers, prevs, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+          of_direction, grad_scale):  # fmt: skip
+        return _stats_like(params, 2)
+
+    @torch.library.register_fake("autolr_fused::boundary_pass")
+    def _(params, snapshots, prev_displacements, scale, accumulators, accumulate_weight):
+        return _stats_like(params, 3)
+
+    @torch.library.register_fake("autolr_fused::adam_step")
+    def _(params, grads, exp_avgs, exp_avg_sqs, lr, lr_value, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize, bias_correction1, bias_correction2_sqrt, prevs, regret,
+          grad_scale):  # fmt: skip
+        return None
+
+    @torch.library.register_fake("autolr_fused::adam_reduce")
+    def _(params, grads, exp_avgs, exp_avg_sqs, prevs, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+          maximize, bias_correction1, bias_correction2_sqrt, grad_scale):  # fmt: skip
+        return _stats_like(params, 2)
+
+
+def _lr_args(lr: float | Tensor) -> tuple[Tensor | None, float]:
+    return (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
+
+
+def _bias_corrections(cfg: AdamConfig, step: int) -> tuple[float, float]:
+    return 1 - cfg.beta1**step, (1 - cfg.beta2**step) ** 0.5
+
+
+def sgd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    lr: float | Tensor,
+    cfg: SGDConfig,
+    *,
+    first_step: bool = False,
+    prevs: Sequence[Tensor] | None = None,
+    store: str | None = None,
+    regret: Tensor | None = None,
+    boundary: Boundary | None = None,
+    grad_scale: Tensor | None = None,
+) -> Tensor | None:
+    lr_tensor, lr_value = _lr_args(lr)
+    b = boundary
+    stats = torch.ops.autolr_fused.sgd_step(
+        list(params),
+        list(grads),
+        list(buffers) if cfg.momentum != 0 else [],
+        lr_tensor,
+        lr_value,
+        cfg.momentum,
+        cfg.dampening,
+        cfg.weight_decay,
+        cfg.nesterov,
+        cfg.maximize,
+        first_step,
+        list(prevs) if prevs is not None else [],
+        _STORE[store],
+        regret,
+        list(b.snapshots) if b else [],
+        list(b.prev_displacements) if b else [],
+        b.scale if b else None,
+        list(b.accumulators) if b and b.accumulators is not None else [],
+        float(b.accumulate_weight) if b else 0.0,
+        grad_scale,
+    )
+    return stats if b is not None else None
+
+
+def sgd_reduce(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    prevs: Sequence[Tensor],
+    cfg: SGDConfig,
+    *,
+    first_step: bool = False,
+    of: str = REGULARIZED,
+    grad_scale: Tensor | None = None,
+) -> Tensor:
+    return torch.ops.autolr_fused.sgd_reduce(
+        list(params),
+        list(grads),
+        list(buffers) if cfg.momentum != 0 and of == DIRECTION else [],
+        list(prevs),
+        cfg.momentum,
+        cfg.dampening,
+        cfg.weight_decay,
+        cfg.nesterov,
+        cfg.maximize,
+        first_step,
+        of == DIRECTION,
+        grad_scale,
+    )
+
+
+def boundary_pass(params: Sequence[Tensor], boundary: Boundary) -> Tensor:
+    b = boundary
+    return torch.ops.autolr_fused.boundary_pass(
+        list(params),
+        list(b.snapshots),
+        list(b.prev_displacements),
+        b.scale,
+        list(b.accumulators) if b.accumulators is not None else [],
+        float(b.accumulate_weight),
+    )
+
+
+def adam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    lr: float | Tensor,
+    cfg: AdamConfig,
+    *,
+    step: int,
+    prevs: Sequence[Tensor] | None = None,
+    regret: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+) -> None:
+    lr_tensor, lr_value = _lr_args(lr)
+    torch.ops.autolr_fused.adam_step(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        lr_tensor,
+        lr_value,
+        cfg.beta1,
+        cfg.beta2,
+        cfg.eps,
+        cfg.weight_decay,
+        cfg.decoupled_weight_decay,
+        cfg.maximize,
+        *_bias_corrections(cfg, step),
+        list(prevs) if prevs is not None else [],
+        regret,
+        grad_scale,
+    )
+
+
+def adam_reduce(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    prevs: Sequence[Tensor],
+    cfg: AdamConfig,
+    *,
+    step: int,
+    grad_scale: Tensor | None = None,
+) -> Tensor:
+    return torch.ops.autolr_fused.adam_reduce(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(prevs),
+        cfg.beta1,
+        cfg.beta2,
+        cfg.eps,
+        cfg.weight_decay,
+        cfg.decoupled_weight_decay,
+        cfg.maximize,
+        *_bias_corrections(cfg, step),
+        grad_scale,
+    )
