@@ -1,0 +1,279 @@
+"""Every kernel backend x every optimizer x every dtype against the reference backend.
+
+One table of optimizer cases (``CASES``) runs across the available kernel
+backends (``cpu``; ``triton`` under ``TRITON_INTERPRET=1`` or on a GPU; ``cuda``
+on a GPU) and the parameter dtypes. Each case trains the same parameters with
+the same gradient sequence on the reference backend and on the kernel backend.
+
+Tolerances:
+
+* float32: ``rtol=1e-5, atol=1e-6`` on parameters and learning rates after
+  ``STEPS`` steps. Both backends compute in float32; a kernel rounds each
+  stored value once where torch's ops round after every op (a few ulps per
+  step, ~6e-8 each), and the adaptive lrs feed such differences back over 8
+  steps: 1e-5 relative leaves a 10x margin over the ~1e-6 seen.
+* bfloat16 / float16: the style guide's rule. The error of the kernel backend
+  against the same run in float64 (reference backend) is at most twice the
+  reference backend's own error at that dtype, plus one ulp of the parameter's
+  magnitude (for tensors where the reference happens to be exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fused import (
+    FusedAutoDropSGD,
+    FusedRDBD,
+    FusedSGD,
+    FusedSGDHD,
+    FusedSGDL,
+    FusedTLR,
+    available_backends,
+)
+
+STEPS = 8
+KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
+DEVICE = {"reference": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# name -> constructor(params, backend); every method and mode, with options that exercise the kernels' branches.
+CASES = {
+    "sgd": lambda p, b: FusedSGD(p, lr=0.1, backend=b),
+    "sgd_nesterov_wd": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=b),
+    "sgd_dampening_maximize": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.8, dampening=0.3, maximize=True, backend=b),
+    "sgd_tensor_lr": lambda p, b: FusedSGD(p, lr=torch.tensor(0.05), momentum=0.5, backend=b),
+    "sgdl": lambda p, b: FusedSGDL(p, lr=0.3, total_steps=6, backend=b),
+    "autodrop": lambda p, b: FusedAutoDropSGD(
+        p, lr=0.1, steps_per_epoch=1, drop_delay=2, threshold=90.0, max_threshold=180.0, backend=b
+    ),
+    "autodrop_epochs": lambda p, b: FusedAutoDropSGD(
+        p, lr=0.1, weight_decay=1e-3, steps_per_epoch=2, drop_delay=1, threshold=90.0, max_threshold=180.0, backend=b
+    ),
+    "tlr_step": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, weight_decay=5e-4, backend=b),
+    "tlr_step_layer": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, per_layer=True, backend=b),
+    "tlr_window": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, steps_per_epoch=6, backend=b),
+    "tlr_window_layer": lambda p, b: FusedTLR(p, lr=0.05, per_layer=True, steps_per_epoch=3, backend=b),
+    "rdbd_sgd": lambda p, b: FusedRDBD(p, lr=0.02, meta_lr=1e-4, momentum=0.9, backend=b),
+    "rdbd_sgd_dbd_bounds": lambda p, b: FusedRDBD(
+        p, lr=0.02, meta_lr=0.05, regret=False, lr_bounds=(0.0, 0.03), backend=b
+    ),
+    "rdbd_adam": lambda p, b: FusedRDBD(p, base="adam", lr=0.01, meta_lr=1e-6, betas=(0.05, 0.99), backend=b),
+    "rdbd_adamw": lambda p, b: FusedRDBD(
+        p, base="adam", lr=0.01, meta_lr=1e-6, weight_decay=0.1, decoupled_weight_decay=True, backend=b
+    ),
+    "sgdhd": lambda p, b: FusedSGDHD(p, lr=0.05, momentum=0.9, hypergrad_lr=1e-3, backend=b),
+}
+
+
+def make_params(dtype: torch.dtype, device: str, seed: int = 0) -> list[nn.Parameter]:
+    """Odd shapes: one element, a prime length, a 0-element tensor, channels_last, a transposed view."""
+    g = torch.Generator().manual_seed(seed)
+    plain = [torch.randn(s, generator=g) for s in [(1,), (7,), (0,), (33, 17), (1031,)]]
+    channels_last = torch.randn(4, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    transposed = torch.randn(9, 17, generator=g).t()
+    tensors = plain + [channels_last, transposed]
+    return [nn.Parameter(t.to(device=device, dtype=dtype)) for t in tensors]
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    """A pull towards 0 plus seeded noise: h and the lr rules see realistic, sign-changing statistics."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for p in params:
+        noise = torch.randn(p.shape, generator=g).to(device=p.device)
+        out.append((0.5 * p.detach().double() + 0.3 * noise).to(p.dtype))
+    return out
+
+
+def run(case: str, backend: str, dtype: torch.dtype, device: str, *, grad_dtype: torch.dtype | None = None):
+    """Train with the case's optimizer; returns (params, per-tensor and group lrs, optimizer)."""
+    params = make_params(dtype, device)
+    opt = CASES[case](params, backend)
+    for step in range(STEPS):
+        # The gradients are computed from the float64 view of the parameters for every dtype.
+        for p, grad in zip(params, gradients(params, step)):
+            p.grad = grad.to(grad_dtype or p.dtype)
+        opt.step()
+    return [p.detach().clone() for p in params], lrs_of(opt), opt
+
+
+def lrs_of(opt: torch.optim.Optimizer) -> torch.Tensor:
+    values = [float(group["lr"]) for group in opt.param_groups]
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if "lr" in opt.state.get(p, {}):
+                values.append(float(opt.state[p]["lr"]))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_kernel_backend_matches_reference(case, backend):
+    device = DEVICE[backend]
+    ref_params, ref_lrs, _ = run(case, "reference", torch.float32, device)
+    params, lrs, opt = run(case, backend, torch.float32, device)
+    assert opt.backend == backend
+    for i, (a, b) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+    torch.testing.assert_close(lrs, ref_lrs, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtype):
+    device = DEVICE[backend]
+    exact, exact_lrs, _ = run(case, "reference", torch.float64, device)
+    ref_params, ref_lrs, _ = run(case, "reference", dtype, device)
+    params, lrs, _ = run(case, backend, dtype, device)
+    ulp = torch.finfo(dtype).eps
+    for i, (x, r, e) in enumerate(zip(params, ref_params, exact)):
+        if e.numel() == 0:
+            continue
+        err = (x.double() - e).abs().max().item()
+        ref_err = (r.double() - e).abs().max().item()
+        slack = ulp * e.abs().max().item()
+        if math.isnan(ref_err):  # torch's own ops break down at this precision (fp16 Adam: eps underflows)
+            assert math.isfinite(err), f"param {i}: not finite"
+            continue
+        assert err <= 2 * ref_err + slack, f"param {i}: error {err:.3g} vs reference's {ref_err:.3g}"
+    lr_err = (lrs - exact_lrs).abs().max().item()
+    ref_lr_err = (ref_lrs - exact_lrs).abs().max().item()
+    assert math.isfinite(lr_err)
+    if not math.isnan(ref_lr_err):
+        assert lr_err <= 2 * ref_lr_err + 1e-6 * exact_lrs.abs().max().item()
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_backend_is_bit_identical_from_run_to_run(case, backend):
+    device = DEVICE[backend]
+    first, first_lrs, opt1 = run(case, backend, torch.bfloat16, device)
+    second, second_lrs, opt2 = run(case, backend, torch.bfloat16, device)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert torch.equal(first_lrs, second_lrs)
+    for s1, s2 in zip(opt1.state.values(), opt2.state.values()):
+        for key, value in s1.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, s2[key]), key
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="the cpu extension is not built")
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """Chunk partial sums are added in chunk order, so 1 and 2 threads give the same bits."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_lrs, _ = run("tlr_step_layer", "cpu", torch.float32, "cpu")
+        torch.set_num_threads(max(2, threads))
+        two, two_lrs, _ = run("tlr_step_layer", "cpu", torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert torch.equal(one_lrs, two_lrs)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop"])
+def test_hundreds_of_tensors_and_a_large_one(case, backend):
+    """150 tensors (past a launch's metadata capacity) and one of 278011 elements (tail paths)."""
+    device = DEVICE[backend]
+    g = torch.Generator().manual_seed(3)
+    shapes = [(int(n),) for n in torch.randint(1, 300, (150,), generator=g)] + [(278011,)]
+    results = []
+    for b in ("reference", backend):
+        params = [
+            nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)
+        ]
+        params = [nn.Parameter(p.detach().to(device)) for p in params]
+        opt = CASES[case](params, b)
+        for step in range(3):
+            for p, grad in zip(params, gradients(params, step)):
+                p.grad = grad
+            opt.step()
+        results.append(([p.detach() for p in params], lrs_of(opt)))
+    (ref, ref_lrs), (out, lrs) = results
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
+    torch.testing.assert_close(lrs, ref_lrs, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradients_with_other_strides_than_their_parameters(backend):
+    """A contiguous gradient of a channels_last parameter is read in the parameter's order."""
+    device = DEVICE[backend]
+    results = []
+    for b in ("reference", backend):
+        p = nn.Parameter(torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0)).to(device))
+        p.data = p.data.to(memory_format=torch.channels_last)
+        opt = FusedTLR([p], lr=0.1, momentum=0.9, backend=b)
+        for step in range(3):
+            p.grad = (p.detach() * 0.5 + step).contiguous()
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step", "rdbd_adam", "autodrop", "sgdhd"])
+def test_grad_scaler_step_with_inf_changes_nothing_and_finite_steps_unscale(case, backend):
+    device = DEVICE[backend]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    params = make_params(torch.float32, device)
+    opt = CASES[case](params, backend)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1)
+    plain_params = [nn.Parameter(p.detach().clone()) for p in params]
+    plain = CASES[case](plain_params, backend)
+    for step in range(4):
+        scaler.scale(torch.ones((), device=device))  # GradScaler creates its scale lazily here
+        grads = gradients(params, step)
+        for p, q, grad in zip(params, plain_params, grads):
+            p.grad = grad * scaler.get_scale()
+            q.grad = grad.clone()
+        if step == 2:
+            params[3].grad[0, 0] = float("inf")
+            before = copy.deepcopy(opt.state_dict())
+            before_params = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            scaler.update()
+            assert all(torch.equal(a, b) for a, b in zip(params, before_params))
+            after = opt.state_dict()
+            assert repr(after["param_groups"]) == repr(before["param_groups"])
+            assert after.get("controller") == before.get("controller")
+            for key, state in before["state"].items():
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(value, after["state"][key][name]), name
+            continue
+        scaler.step(opt)
+        scaler.update()
+        plain.step()
+    for a, b in zip(params, plain_params):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_picks_the_cpu_kernels_for_cpu_parameters(monkeypatch):
+    monkeypatch.delenv("AUTOLR_FUSED_BACKEND", raising=False)
+    opt = FusedSGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    expected = "cpu" if "cpu" in available_backends() else "reference"
+    assert opt.backend == expected
+
+
+@pytest.mark.skipif(os.environ.get("AUTOLR_FUSED_REQUIRE_CPU_EXT") != "1", reason="only where the build is required")
+def test_the_cpu_extension_was_built():
+    """CI sets AUTOLR_FUSED_REQUIRE_CPU_EXT=1: a silent fallback to reference must fail there."""
+    assert "cpu" in available_backends()
