@@ -32,7 +32,7 @@ def extensions() -> tuple[list, dict]:
         name="autolr_fused._C",
         sources=sources + (cuda_sources if use_cuda else []),
         include_dirs=[os.path.abspath("csrc/include")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", *_cpu_arch_flags()], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-fopenmp", *_cpu_arch_flags()], "nvcc": ["-O3"]},
         extra_link_args=["-fopenmp"],
         define_macros=[("AUTOLR_WITH_CUDA", "1")] if use_cuda else [],
     )

@@ -52,6 +52,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
         # The last per-step statistics, as device tensors (read only by stats()), saved in state_dict.
         self._statistics: dict[str, Tensor] = {}
         self._grad_scale: Tensor | None = None  # GradScaler's scale during a step, else None
+        self._flat_cache: tuple[tuple[int, ...], dict[str, Tensor]] | None = None  # see _flat_state
         super().__init__(params, defaults)
         if backend == "auto":  # now that the parameters' device is known
             self.backend, self._ops = resolve_backend(backend, self._device())
@@ -102,6 +103,30 @@ class AutoLROptimizer(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(state[key])
         return out
+
+    def _flat_state(self, params: list[Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
+        """Per key, a 1-D float32 tensor whose element i *is* ``state[params[i]][key]``.
+
+        Per-tensor scalars (learning rates, the last inner product, ...) stay 0-dim
+        tensors in ``state`` (that is the state_dict layout), but as views into one
+        vector per key, so that a step reads and writes them as whole vectors, with
+        no stack or copy per tensor. The vectors are rebuilt when the list of
+        tensors changes or after load_state_dict.
+        """
+        ids = tuple(id(p) for p in params)
+        cache = self._flat_cache
+        if cache is not None and cache[0] == ids and all(k in cache[1] for k in keys):
+            return cache[1]
+        device = params[0].device
+        flats = {
+            k: torch.stack([self.state[p][k].reshape(()).to(device=device, dtype=torch.float32) for p in params])
+            for k in keys
+        }
+        for k, flat in flats.items():
+            for p, view in zip(params, flat.unbind(0)):
+                self.state[p][k] = view
+        self._flat_cache = (ids, flats)
+        return flats
 
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -178,6 +203,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
             if self._lr_on_device:
                 self._lr_tensor(group)
         self._controller = copy.deepcopy(saved_controller) if expected else {}
+        self._flat_cache = None
         device = self._device()
         self._statistics = {k: v.detach().to(device).clone() for k, v in state_dict.get("statistics", {}).items()}
 

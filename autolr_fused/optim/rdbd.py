@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_range, check_sgd_arguments
-from autolr_fused.backends.primitives import DIRECTION, lr_vector
+from autolr_fused.backends.primitives import DIRECTION
 from autolr_fused.controllers import rdbd
 from autolr_fused.directions import AdamConfig, SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer, lr_tensor
@@ -152,13 +152,8 @@ class FusedRDBD(AutoLROptimizer):
             of = {"of": DIRECTION} if group["base"] == "sgd" else {}
             h.append(reduce(unit.params, unit.grads, *lists, prevs, cfg, grad_scale=grad_scale, **kw, **of)[:, 0])
         params = [p for _, unit, _ in work for p in unit.params]
-        states = [self.state[p] for p in params]
-        device = params[0].device
-
-        def stacked(key: str) -> Tensor:
-            return lr_vector([s[key] for s in states], device)
-
-        h_all, prev_h, prev_delta, old_lr = torch.cat(h), stacked("prev_h"), stacked("prev_delta"), stacked("lr")
+        flat = self._flat_state(params, ("lr", "prev_h", "prev_delta"))
+        h_all, prev_h, prev_delta, old_lr = torch.cat(h), flat["prev_h"], flat["prev_delta"], flat["lr"]
         updates, start = [], 0
         for group, unit, _ in work:
             end = start + len(unit.params)
@@ -177,8 +172,7 @@ class FusedRDBD(AutoLROptimizer):
             )
             start = end
         for key, field in (("lr", "lr"), ("prev_delta", "delta"), ("prev_h", "h")):
-            values = torch.cat([getattr(u, field) for u in updates])
-            torch._foreach_copy_([s[key] for s in states], list(values.unbind(0)))
+            flat[key].copy_(torch.cat([getattr(u, field) for u in updates]))
         for (group, unit, prevs), u in zip(work, updates):
             lists, cfg, kw = self._primitive_args(group, unit)
             regret = u.regret_delta if group["regret"] else None

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_bool, check_int, check_range
-from autolr_fused.backends.primitives import REGULARIZED, Boundary, lr_vector
+from autolr_fused.backends.primitives import REGULARIZED, Boundary
 from autolr_fused.controllers import tlr
 from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.base import lr_tensor
@@ -93,17 +93,36 @@ class FusedTLR(SGDDirectionOptimizer):
         """The lrs ``params`` are updated with, as the primitives take them (per layer: one per tensor)."""
         if not self.defaults["per_layer"]:
             return self._lr_tensor(group).reshape(1)
-        for p in params:
-            if "lr" not in self.state[p]:
-                self.state[p]["lr"] = lr_tensor(group["lr"], p.device)
-        return lr_vector([self.state[p]["lr"] for p in params], params[0].device)
+        flat, positions = self._layer_lrs(params)
+        start = positions[0]
+        if positions == list(range(start, start + len(positions))):
+            return flat[start : start + len(positions)]
+        return flat[torch.tensor(positions, device=flat.device)]
+
+    def _layer_lrs(self, params: list[Tensor]) -> tuple[Tensor, list[int]]:
+        """The vector of every tensor's lr (views of ``state[p]["lr"]``) and the positions of ``params`` in it."""
+        everything = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "lr" not in self.state[p]:
+                    self.state[p]["lr"] = lr_tensor(group["lr"], p.device)
+                everything.append(p)
+        flat = self._flat_state(everything, ("lr",))["lr"]
+        position = {id(p): i for i, p in enumerate(everything)}
+        return flat, [position[id(p)] for p in params]
 
     def _apply_factor(self, stats: Tensor, params: list[Tensor]) -> None:
         """Multiply the lrs by the change factor of ``stats`` rows ``(h, q)``, one row per tensor of ``params``."""
         bound = self.defaults["bound"]
         if self.defaults["per_layer"]:
             factor = tlr.change_factor(stats[:, 0], stats[:, 1], bound)
-            torch._foreach_mul_([self.state[p]["lr"] for p in params], list(factor.unbind(0)))
+            flat, positions = self._layer_lrs(params)
+            start = positions[0]
+            if positions == list(range(start, start + len(positions))):
+                flat[start : start + len(positions)].mul_(factor)
+            else:
+                index = torch.tensor(positions, device=flat.device)
+                flat.index_copy_(0, index, flat[index] * factor)
         else:
             factor = tlr.change_factor(stats[:, 0].sum(), stats[:, 1].sum(), bound)
             for group in self.param_groups:

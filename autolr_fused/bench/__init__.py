@@ -1,0 +1,1 @@
+"""Optimizer step benchmarks: ``python -m autolr_fused.bench`` (see ``run.py``)."""

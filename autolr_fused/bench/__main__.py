@@ -1,0 +1,5 @@
+import sys
+
+from autolr_fused.bench.run import main
+
+sys.exit(main())
