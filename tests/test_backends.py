@@ -277,3 +277,28 @@ def test_auto_picks_the_cpu_kernels_for_cpu_parameters(monkeypatch):
 def test_the_cpu_extension_was_built():
     """CI sets AUTOLR_FUSED_REQUIRE_CPU_EXT=1: a silent fallback to reference must fail there."""
     assert "cpu" in available_backends()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop_epochs"])
+def test_float64_parameters_run_on_the_reference_code_under_a_kernel_backend(case, backend):
+    """The kernels take float32/bf16/fp16; float64 steps equal the reference backend's exactly."""
+    device = DEVICE[backend]
+    ref, ref_lrs, _ = run(case, "reference", torch.float64, device)
+    out, lrs, _ = run(case, backend, torch.float64, device)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert torch.equal(lrs, ref_lrs)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_per_layer_tlr_takes_a_tensor_whose_first_gradient_comes_late(backend):
+    device = DEVICE[backend]
+    params = [nn.Parameter(torch.randn(5, device=device)) for _ in range(3)]
+    opt = FusedTLR(params, lr=0.1, per_layer=True, backend=backend)
+    for step in range(6):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 2 and step < 3) else torch.full_like(p, 1.0 + step % 2)
+        opt.step()
+    lrs = [float(opt.state[p]["lr"]) for p in params]
+    assert lrs[2] > 0.1  # it adapted once its gradients came (consecutive positive inner products)
+    assert all(math.isfinite(x) for x in lrs)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from autolr_fused.backends import reference
 from autolr_fused.backends.primitives import DIRECTION, REGULARIZED, Boundary
 from autolr_fused.directions import AdamConfig, SGDConfig
 
@@ -25,6 +26,12 @@ except ImportError:  # built without the extension (AUTOLR_FUSED_NO_EXT=1, no co
     LOADED = False
 
 _STORE = {None: 0, REGULARIZED: 1, DIRECTION: 2}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels_take(params: Sequence[Tensor]) -> bool:
+    """The kernels take float32, bfloat16 and float16; a call with other dtypes (float64) runs on reference."""
+    return all(p.dtype in KERNEL_DTYPES for p in params)
 
 
 def has_kernel(device_type: str) -> bool:
@@ -90,6 +97,20 @@ def sgd_step(
     boundary: Boundary | None = None,
     grad_scale: Tensor | None = None,
 ) -> Tensor | None:
+    if not _kernels_take(params):
+        return reference.sgd_step(
+            params,
+            grads,
+            buffers,
+            lr,
+            cfg,
+            first_step=first_step,
+            prevs=prevs,
+            store=store,
+            regret=regret,
+            boundary=boundary,
+            grad_scale=grad_scale,
+        )
     lr_tensor, lr_value = _lr_args(lr)
     b = boundary
     stats = torch.ops.autolr_fused.sgd_step(
@@ -128,6 +149,10 @@ def sgd_reduce(
     of: str = REGULARIZED,
     grad_scale: Tensor | None = None,
 ) -> Tensor:
+    if not _kernels_take(params):
+        return reference.sgd_reduce(
+            params, grads, buffers, prevs, cfg, first_step=first_step, of=of, grad_scale=grad_scale
+        )
     return torch.ops.autolr_fused.sgd_reduce(
         list(params),
         list(grads),
@@ -145,6 +170,8 @@ def sgd_reduce(
 
 
 def boundary_pass(params: Sequence[Tensor], boundary: Boundary) -> Tensor:
+    if not _kernels_take(params):
+        return reference.boundary_pass(params, boundary)
     b = boundary
     return torch.ops.autolr_fused.boundary_pass(
         list(params),
@@ -169,6 +196,10 @@ def adam_step(
     regret: Tensor | None = None,
     grad_scale: Tensor | None = None,
 ) -> None:
+    if not _kernels_take(params):
+        return reference.adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, lr, cfg, step=step, prevs=prevs, regret=regret, grad_scale=grad_scale
+        )
     lr_tensor, lr_value = _lr_args(lr)
     torch.ops.autolr_fused.adam_step(
         list(params),
@@ -201,6 +232,8 @@ def adam_reduce(
     step: int,
     grad_scale: Tensor | None = None,
 ) -> Tensor:
+    if not _kernels_take(params):
+        return reference.adam_reduce(params, grads, exp_avgs, exp_avg_sqs, prevs, cfg, step=step, grad_scale=grad_scale)
     return torch.ops.autolr_fused.adam_reduce(
         list(params),
         list(grads),

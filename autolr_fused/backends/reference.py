@@ -26,7 +26,8 @@ def _lr_at(lr: Lr, i: int) -> Lr:
 
 
 def _unscaled(g: Tensor, grad_scale: Tensor | None) -> Tensor:
-    return g if grad_scale is None else (g.float() / grad_scale.reshape(())).to(g.dtype)
+    """GradScaler's unscale, kept in float32 (as torch's fused optimizers do) rather than rounded to g's dtype."""
+    return g if grad_scale is None else g.float() / grad_scale.reshape(())
 
 
 def _stats(rows: list[list[Tensor]], n_columns: int, device: torch.device) -> Tensor:

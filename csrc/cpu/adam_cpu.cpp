@@ -15,40 +15,99 @@ namespace autolr_fused {
 namespace cpu {
 namespace {
 
-struct AdamBlock {
-  alignas(64) float P[kBlock];
-  alignas(64) float G[kBlock];
-  alignas(64) float M[kBlock];
-  alignas(64) float V[kBlock];
-  alignas(64) float D[kBlock];
+// torch.optim.Adam's per-element arithmetic, in its order of operations.
+struct AdamElement {
+  float grad_factor = 1.0f;  // (maximize ? -1 : 1) / GradScaler's scale
+  float weight_decay = 0.0f, beta1_weight = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f, eps = 1e-8f;
+  float bias_correction1 = 1.0f, bias_correction2_sqrt = 1.0f;
+  bool coupled_weight_decay = false;
+
+  // The gradient term, and m, v, d of this step from the old moments.
+  float gradient(float g, float p) const {
+    const float x = g * grad_factor;
+    return coupled_weight_decay ? madd(weight_decay, p, x) : x;
+  }
+  // torch.lerp(m, x, w): m + w (x - m) for w < 0.5, else x - (x - m)(1 - w).
+  float first_moment(float m, float x) const {
+    return beta1_weight < 0.5f ? madd(beta1_weight, x - m, m) : madd(-(1.0f - beta1_weight), x - m, x);
+  }
+  float second_moment(float v, float x) const { return v * beta2 + one_minus_beta2 * x * x; }
+  float direction(float m, float v) const {
+    return (m / bias_correction1) / (std::sqrt(v) / bias_correction2_sqrt + eps);
+  }
 };
 
-// Stages P, the new moments M and V, and the direction D, in torch.optim.Adam's order of operations.
+AdamElement adam_element(const AdamHyper& h, const float* grad_scale) {
+  const float inverse_scale = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
+  AdamElement e;
+  e.grad_factor = h.maximize ? -inverse_scale : inverse_scale;
+  e.weight_decay = h.weight_decay;
+  e.beta1_weight = h.one_minus_beta1;
+  e.beta2 = h.beta2;
+  e.one_minus_beta2 = h.one_minus_beta2;
+  e.eps = h.eps;
+  e.bias_correction1 = h.bias_correction1;
+  e.bias_correction2_sqrt = h.bias_correction2_sqrt;
+  e.coupled_weight_decay = h.weight_decay != 0.0f && !h.decoupled_weight_decay;
+  return e;
+}
+
+struct Args {
+  AdamElement e;
+  std::vector<void*> params, grads, exp_avgs, exp_avg_sqs, prevs;
+  PerTensor lrs;
+  const float* regrets = nullptr;
+  float decoupled_weight_decay = 0.0f;  // AdamW's wd, 0 for Adam
+};
+
+using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, double* sums);
+
+template <typename T, bool kRegret, bool kStore>
+void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double*) {
+  T* __restrict__ p = static_cast<T*>(a.params[t]);
+  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
+  T* __restrict__ m = static_cast<T*>(a.exp_avgs[t]);
+  T* __restrict__ v = static_cast<T*>(a.exp_avg_sqs[t]);
+  T* __restrict__ prev = (kRegret || kStore) ? static_cast<T*>(a.prevs[t]) : nullptr;
+  const AdamElement e = a.e;
+  const float lr = a.lrs.at(t);
+  const float keep = 1.0f - lr * a.decoupled_weight_decay;  // exactly 1 without AdamW's decay
+  const float rd = kRegret ? a.regrets[t] : 0.0f;
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = static_cast<float>(p[i]);
+    const float x = e.gradient(static_cast<float>(g[i]), pi);
+    const float mi = e.first_moment(static_cast<float>(m[i]), x);
+    const float vi = e.second_moment(static_cast<float>(v[i]), x);
+    const float d = e.direction(mi, vi);
+    if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
+    p[i] = static_cast<T>(madd(-lr, d, pi * keep));
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+    if constexpr (kStore) prev[i] = static_cast<T>(d);
+  }
+}
+
 template <typename T>
-inline void stage_adam(const AdamHyper& h, const float* grad_scale, const T* p, const T* g, const T* m, const T* v,
-                       int64_t n, AdamBlock& b) {
-  load(b.P, p, n);
-  load(b.G, g, n);
-  if (grad_scale != nullptr) {
-    const float s = *grad_scale;
-    for (int64_t i = 0; i < n; ++i) b.G[i] = b.G[i] / s;
+void adam_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
+  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
+  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
+  const T* __restrict__ m = static_cast<const T*>(a.exp_avgs[t]);
+  const T* __restrict__ v = static_cast<const T*>(a.exp_avg_sqs[t]);
+  const T* __restrict__ prev = static_cast<const T*>(a.prevs[t]);
+  const AdamElement e = a.e;
+  for (int64_t block = begin; block < end; block += kBlock) {
+    float dot[kLanes] = {0}, nrm[kLanes] = {0};
+    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+      const int64_t i = block + j;
+      const float x = e.gradient(static_cast<float>(g[i]), e.coupled_weight_decay ? static_cast<float>(p[i]) : 0.0f);
+      const float d = e.direction(e.first_moment(static_cast<float>(m[i]), x), e.second_moment(static_cast<float>(v[i]), x));
+      const float q = static_cast<float>(prev[i]);
+      dot[k] += d * q;
+      nrm[k] += d * d;
+    });
+    flush(dot, sums[0]);
+    flush(nrm, sums[1]);
   }
-  if (h.maximize)
-    for (int64_t i = 0; i < n; ++i) b.G[i] = -b.G[i];
-  if (h.weight_decay != 0.0f && !h.decoupled_weight_decay)
-    for (int64_t i = 0; i < n; ++i) b.G[i] = madd(h.weight_decay, b.P[i], b.G[i]);
-  load(b.M, m, n);
-  const float w = h.one_minus_beta1;
-  if (w < 0.5f) {
-    for (int64_t i = 0; i < n; ++i) b.M[i] = madd(w, b.G[i] - b.M[i], b.M[i]);
-  } else {
-    const float w1 = 1.0f - w;
-    for (int64_t i = 0; i < n; ++i) b.M[i] = madd(-w1, b.G[i] - b.M[i], b.G[i]);
-  }
-  load(b.V, v, n);
-  for (int64_t i = 0; i < n; ++i) b.V[i] = b.V[i] * h.beta2 + h.one_minus_beta2 * b.G[i] * b.G[i];
-  for (int64_t i = 0; i < n; ++i)
-    b.D[i] = (b.M[i] / h.bias_correction1) / (std::sqrt(b.V[i]) / h.bias_correction2_sqrt + h.eps);
 }
 
 void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,
@@ -75,45 +134,21 @@ void adam_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::Tensor
                                       bias_correction1, bias_correction2_sqrt);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  const TensorList grads = aligner.align(grads_in.vec(), false);
-  const TensorList exp_avgs = aligner.align(exp_avgs_in.vec(), true);
-  const TensorList exp_avg_sqs = aligner.align(exp_avg_sqs_in.vec(), true);
-  const TensorList prevs = aligner.align(prevs_in.vec(), true);
-  const PerTensor lrs = per_tensor(lr, lr_value);
-  const float* regrets = regret ? regret->data_ptr<float>() : nullptr;
-  const float* gscale = scale_ptr(grad_scale);
-  const bool decay = h.decoupled_weight_decay && h.weight_decay != 0.0f;
-
-  const auto chunks = make_chunks(work);
-  parallel_chunks(chunks, [&](const Chunk& c, int64_t) {
-    const int64_t t = c.tensor;
-    dispatch_dtype(work[t].scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      T* p = work[t].data_ptr<T>();
-      const T* g = grads[t].data_ptr<T>();
-      T* m = exp_avgs[t].data_ptr<T>();
-      T* v = exp_avg_sqs[t].data_ptr<T>();
-      T* prev = use_prevs ? prevs[t].data_ptr<T>() : nullptr;
-      const float lr_t = lrs.at(t);
-      const float keep = 1.0f - lr_t * h.weight_decay;
-      const float rd = regrets != nullptr ? regrets[t] : 0.0f;
-      AdamBlock b;
-      for (int64_t off = c.begin; off < c.end; off += kBlock) {
-        const int64_t n = std::min(kBlock, c.end - off);
-        stage_adam<T>(h, gscale, p + off, g + off, m + off, v + off, n, b);
-        if (regrets != nullptr) {
-          load(b.G, prev + off, n);
-          for (int64_t i = 0; i < n; ++i) b.P[i] = madd(b.G[i], rd, b.P[i]);
-        }
-        if (decay)
-          for (int64_t i = 0; i < n; ++i) b.P[i] = b.P[i] * keep;
-        for (int64_t i = 0; i < n; ++i) b.P[i] = madd(-lr_t, b.D[i], b.P[i]);
-        store(p + off, b.P, n);
-        store(m + off, b.M, n);
-        store(v + off, b.V, n);
-        if (use_prevs) store(prev + off, b.D, n);
-      }
-    });
+  Args args;
+  args.e = adam_element(h, scale_ptr(grad_scale));
+  args.params = pointers(work);
+  args.grads = pointers(aligner.align(grads_in.vec(), false));
+  args.exp_avgs = pointers(aligner.align(exp_avgs_in.vec(), true));
+  args.exp_avg_sqs = pointers(aligner.align(exp_avg_sqs_in.vec(), true));
+  args.prevs = pointers(aligner.align(prevs_in.vec(), true));
+  args.lrs = per_tensor(lr, lr_value);
+  args.regrets = regret ? regret->data_ptr<float>() : nullptr;
+  args.decoupled_weight_decay = decoupled_weight_decay ? h.weight_decay : 0.0f;
+  const bool has_regret = regret.has_value();
+  run_chunks(work, args, 0, [&](auto tag) -> Range {
+    using T = typename decltype(tag)::type;
+    if (has_regret) return use_prevs ? &adam_step_range<T, true, true> : &adam_step_range<T, true, false>;
+    return use_prevs ? &adam_step_range<T, false, true> : &adam_step_range<T, false, false>;
   });
   aligner.finish();
 }
@@ -130,34 +165,17 @@ at::Tensor adam_reduce_cpu(at::TensorList params_in, at::TensorList grads_in, at
                                       bias_correction1, bias_correction2_sqrt);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  const TensorList grads = aligner.align(grads_in.vec(), false);
-  const TensorList exp_avgs = aligner.align(exp_avgs_in.vec(), false);
-  const TensorList exp_avg_sqs = aligner.align(exp_avg_sqs_in.vec(), false);
-  const TensorList prevs = aligner.align(prevs_in.vec(), false);
-  const float* gscale = scale_ptr(grad_scale);
-
-  const auto chunks = make_chunks(work);
-  std::vector<double> partial(chunks.size() * 2, 0.0);
-  parallel_chunks(chunks, [&](const Chunk& c, int64_t index) {
-    const int64_t t = c.tensor;
-    dispatch_dtype(work[t].scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      double sums[2] = {0.0, 0.0};
-      AdamBlock b;
-      const T* prev = prevs[t].data_ptr<T>();
-      for (int64_t off = c.begin; off < c.end; off += kBlock) {
-        const int64_t n = std::min(kBlock, c.end - off);
-        stage_adam<T>(h, gscale, work[t].data_ptr<T>() + off, grads[t].data_ptr<T>() + off,
-                      exp_avgs[t].data_ptr<T>() + off, exp_avg_sqs[t].data_ptr<T>() + off, n, b);
-        load(b.G, prev + off, n);
-        sums[0] += dot_block(b.D, b.G, n);
-        sums[1] += dot_block(b.D, b.D, n);
-      }
-      partial[index * 2] = sums[0];
-      partial[index * 2 + 1] = sums[1];
-    });
+  Args args;
+  args.e = adam_element(h, scale_ptr(grad_scale));
+  args.params = pointers(work);
+  args.grads = pointers(aligner.align(grads_in.vec(), false));
+  args.exp_avgs = pointers(aligner.align(exp_avgs_in.vec(), false));
+  args.exp_avg_sqs = pointers(aligner.align(exp_avg_sqs_in.vec(), false));
+  args.prevs = pointers(aligner.align(prevs_in.vec(), false));
+  return run_chunks(work, args, 2, [&](auto tag) -> Range {
+    using T = typename decltype(tag)::type;
+    return &adam_reduce_range<T>;
   });
-  return sum_partials(chunks, partial, static_cast<int64_t>(work.size()), 2);
 }
 
 }  // namespace

@@ -1,10 +1,13 @@
 // The CPU multi-tensor engine: every tensor of a call is cut into fixed chunks of kChunk elements,
-// and one parallel region (at::parallel_for, OpenMP) walks the chunks of all tensors. Inside a
-// chunk, kernels stage kBlock elements at a time in float32 arrays on the stack, so each stage is
-// a branch-free loop the compiler vectorises and every value is rounded to its storage dtype once.
+// and one parallel region (at::parallel_for, OpenMP) walks the chunks of all tensors. Kernels are
+// element loops instantiated per dtype and per combination of the flags that change the memory
+// traffic (momentum, what is stored, regret, boundary), so that one pass reads and writes each
+// array once, computes in float32 and rounds each stored value once; the other options are
+// loop-invariant selects.
 //
-// Statistics are deterministic whatever the thread count: a block sums in kLanes float32 lanes,
-// a chunk adds its blocks' sums in double, and a tensor adds its chunks' sums in chunk order.
+// Statistics are deterministic whatever the thread count: kLanes float32 lanes sum a block of
+// kBlock elements, a chunk adds its blocks' sums in double, and a tensor adds its chunks' sums in
+// chunk order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,34 +70,24 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
-template <typename T>
-inline void load(float* __restrict__ dst, const T* __restrict__ src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+// f(j, k) for j in [0, n) with k = j % kLanes; full groups of kLanes are a constant-trip inner
+// loop the compiler vectorises, so per-lane accumulators stay in vector registers.
+template <class F>
+inline void for_lanes(int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) f(j + k, k);
+  for (int64_t k = 0; j < n; ++j, ++k) f(j, k);
 }
 
-template <typename T>
-inline void store(T* __restrict__ dst, const float* __restrict__ src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-// The values `src` takes once stored as T (identity for float).
-template <typename T>
-inline void round_to(float* __restrict__ x, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(static_cast<T>(x[i]));
-  }
-}
-
-// sum a[i] * b[i] over a block, in fixed lanes.
-inline double dot_block(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float lanes[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += a[i + k] * b[i + k];
-  for (int64_t k = 0; i < n; ++i, ++k) lanes[k] += a[i] * b[i];
+// Adds the lanes to a double accumulator in a fixed order and clears them.
+inline void flush(float (&lanes)[kLanes], double& sum) {
   double s = 0.0;
-  for (int64_t k = 0; k < kLanes; ++k) s += lanes[k];
-  return s;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    s += lanes[k];
+    lanes[k] = 0.0f;
+  }
+  sum += s;
 }
 
 template <typename T>
@@ -144,6 +137,28 @@ inline const float* scale_ptr(const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
               "autolr_fused: grad_scale must be a 1-element float32 tensor");
   return grad_scale->data_ptr<float>();
+}
+
+inline std::vector<void*> pointers(const std::vector<at::Tensor>& list) {
+  std::vector<void*> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.push_back(t.data_ptr());
+  return out;
+}
+
+// Runs pick(TypeTag<T>{})(args, tensor, begin, end, sums) over every chunk in one parallel region,
+// with T the chunk's tensor's dtype, and returns the (n, cols) statistics (an empty (0, 3) tensor
+// when cols is 0). `sums` points at the chunk's cols partial sums.
+template <class Args, class Pick>
+at::Tensor run_chunks(const std::vector<at::Tensor>& work, const Args& args, int64_t cols, const Pick& pick) {
+  const auto chunks = make_chunks(work);
+  std::vector<double> partial(chunks.size() * cols + 3, 0.0);
+  parallel_chunks(chunks, [&](const Chunk& c, int64_t index) {
+    double* sums = cols != 0 ? partial.data() + index * cols : partial.data() + chunks.size() * cols;
+    dispatch_dtype(work[c.tensor].scalar_type(), [&](auto tag) { pick(tag)(args, c.tensor, c.begin, c.end, sums); });
+  });
+  if (cols == 0) return at::empty({0, 3}, at::TensorOptions().dtype(at::kFloat));
+  return sum_partials(chunks, partial, static_cast<int64_t>(work.size()), cols);
 }
 
 }  // namespace cpu

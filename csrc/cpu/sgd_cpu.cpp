@@ -3,8 +3,9 @@
 // sgd_step     reads params, grads, buffers (momentum), prevs (regret); writes params, buffers,
 //              prevs (store); with a boundary it also reads and writes snapshots and
 //              prev_displacements and accumulates float32 accumulators: one pass over memory.
-// sgd_reduce   reads params (weight decay), grads, buffers (momentum), prevs; writes nothing but
-//              the (n, 2) statistics <a, prev>, ||a||^2 of the regularized gradient or direction a.
+// sgd_reduce   reads params (weight decay), grads, buffers (momentum direction), prevs; writes
+//              nothing but the (n, 2) statistics <a, prev>, ||a||^2 of the regularized gradient
+//              or direction a.
 // boundary_pass reads params; reads and writes snapshots, prev_displacements, accumulators;
 //              returns the (n, 3) statistics <u, prev>, ||u||^2, ||prev||^2.
 #include <torch/library.h>
@@ -16,39 +17,31 @@ namespace autolr_fused {
 namespace cpu {
 namespace {
 
-struct Block {
-  alignas(64) float P[kBlock];
-  alignas(64) float R[kBlock];
-  alignas(64) float M[kBlock];
-  alignas(64) float D[kBlock];
-  alignas(64) float Q[kBlock];
+// torch.optim.SGD's per-element arithmetic, in its order of operations.
+struct SgdElement {
+  float grad_factor = 1.0f;  // (maximize ? -1 : 1) / GradScaler's scale
+  float weight_decay = 0.0f, momentum = 0.0f, one_minus_dampening = 1.0f;
+  bool use_weight_decay = false, nesterov = false, first_step = false;
+
+  float regularized(float g, float p) const {
+    const float r = g * grad_factor;
+    return use_weight_decay ? madd(weight_decay, p, r) : r;
+  }
+  float buffer(float old, float r) const { return first_step ? r : madd(one_minus_dampening, r, old * momentum); }
+  float direction(float r, float m) const { return nesterov ? madd(momentum, m, r) : m; }
 };
 
-// Stages P (the parameters), R (the regularized gradient), M (the new momentum buffer) and
-// returns the direction: R, M or D (Nesterov), in torch.optim.SGD's order of operations.
-template <typename T>
-inline const float* stage_sgd(const SgdHyper& h, const float* grad_scale, const T* p, const T* g, const T* buf,
-                              int64_t n, bool need_p, Block& b) {
-  if (need_p) load(b.P, p, n);
-  load(b.R, g, n);
-  if (grad_scale != nullptr) {
-    const float s = *grad_scale;
-    for (int64_t i = 0; i < n; ++i) b.R[i] = b.R[i] / s;
-  }
-  if (h.maximize)
-    for (int64_t i = 0; i < n; ++i) b.R[i] = -b.R[i];
-  if (h.weight_decay != 0.0f)
-    for (int64_t i = 0; i < n; ++i) b.R[i] = madd(h.weight_decay, b.P[i], b.R[i]);
-  if (h.momentum == 0.0f) return b.R;
-  if (h.first_step) {
-    std::copy(b.R, b.R + n, b.M);
-  } else {
-    load(b.M, buf, n);
-    for (int64_t i = 0; i < n; ++i) b.M[i] = madd(h.one_minus_dampening, b.R[i], b.M[i] * h.momentum);
-  }
-  if (!h.nesterov) return b.M;
-  for (int64_t i = 0; i < n; ++i) b.D[i] = madd(h.momentum, b.M[i], b.R[i]);
-  return b.D;
+SgdElement sgd_element(const SgdHyper& h, const float* grad_scale) {
+  const float inverse_scale = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;
+  SgdElement e;
+  e.grad_factor = h.maximize ? -inverse_scale : inverse_scale;
+  e.weight_decay = h.weight_decay;
+  e.momentum = h.momentum;
+  e.one_minus_dampening = h.one_minus_dampening;
+  e.use_weight_decay = h.weight_decay != 0.0f;
+  e.nesterov = h.nesterov;
+  e.first_step = h.first_step;
+  return e;
 }
 
 struct BoundaryArgs {
@@ -59,37 +52,154 @@ struct BoundaryArgs {
   float accumulate_weight = 0.0f;
 };
 
-// The boundary pass of one block whose parameters after the update are P (as stored).
+// Everything a chunk of one of the three ops needs, as raw pointers per tensor.
+struct Args {
+  SgdElement e;
+  std::vector<void*> params, grads, buffers, prevs;
+  PerTensor lrs;
+  const float* regrets = nullptr;
+  BoundaryArgs boundary;
+};
+
+using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, double* sums);
+
+// One element of the snapshot pass: u = (p - snapshot) / scale; the three statistics; prev = u;
+// snapshot = p; z += weight * p.
 template <typename T>
-inline void boundary_block(const BoundaryArgs& a, int64_t t, int64_t off, int64_t n, const float* P, Block& b,
-                           double* sums) {
-  T* snap = static_cast<T*>(a.snapshots[t]) + off;
-  T* prev = static_cast<T*>(a.prev_displacements[t]) + off;
-  float* U = b.M;  // free once the update is stored
-  load(U, snap, n);
-  for (int64_t i = 0; i < n; ++i) U[i] = P[i] - U[i];
-  if (a.has_scale) {
-    const float s = a.scale.at(t);
-    for (int64_t i = 0; i < n; ++i) U[i] = U[i] / s;
+inline void boundary_element(T stored, T& snap, T& prev, float* z, float scale, bool has_scale, float weight,
+                             float& dot, float& uu, float& qq) {
+  const float p = static_cast<float>(stored);
+  float u = p - static_cast<float>(snap);
+  if (has_scale) u = u / scale;
+  const float q = static_cast<float>(prev);
+  dot += u * q;
+  uu += u * u;
+  qq += q * q;
+  prev = static_cast<T>(u);
+  snap = stored;
+  if (z != nullptr) *z = madd(weight, p, *z);
+}
+
+template <typename T, bool kMomentum, int kStore, bool kRegret, bool kBoundary>
+void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
+  T* __restrict__ p = static_cast<T*>(a.params[t]);
+  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
+  T* __restrict__ buf = kMomentum ? static_cast<T*>(a.buffers[t]) : nullptr;
+  T* __restrict__ prev = (kStore != 0 || kRegret) ? static_cast<T*>(a.prevs[t]) : nullptr;
+  T* __restrict__ snap = kBoundary ? static_cast<T*>(a.boundary.snapshots[t]) : nullptr;
+  T* __restrict__ disp = kBoundary ? static_cast<T*>(a.boundary.prev_displacements[t]) : nullptr;
+  float* __restrict__ z = kBoundary && !a.boundary.accumulators.empty() ? a.boundary.accumulators[t] : nullptr;
+  const SgdElement e = a.e;
+  const float neg_lr = -a.lrs.at(t);
+  const float rd = kRegret ? a.regrets[t] : 0.0f;
+  const float scale = kBoundary ? a.boundary.scale.at(t) : 1.0f;
+  const bool has_scale = a.boundary.has_scale;
+  const float weight = a.boundary.accumulate_weight;
+  for (int64_t block = begin; block < end; block += kBlock) {
+    float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
+    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+      const int64_t i = block + j;
+      float pi = static_cast<float>(p[i]);
+      const float r = e.regularized(static_cast<float>(g[i]), pi);
+      float d = r;
+      if constexpr (kMomentum) {
+        const float m = e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r);
+        buf[i] = static_cast<T>(m);
+        d = e.direction(r, m);
+      }
+      if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
+      const T stored = static_cast<T>(madd(neg_lr, d, pi));
+      p[i] = stored;
+      if constexpr (kStore == 1) prev[i] = static_cast<T>(r);
+      if constexpr (kStore == 2) prev[i] = static_cast<T>(d);
+      if constexpr (kBoundary) {
+        boundary_element<T>(stored, snap[i], disp[i], z != nullptr ? z + i : nullptr, scale, has_scale, weight,
+                            dot[k], uu[k], qq[k]);
+      }
+    });
+    if constexpr (kBoundary) {
+      flush(dot, sums[0]);
+      flush(uu, sums[1]);
+      flush(qq, sums[2]);
+    }
   }
-  load(b.Q, prev, n);
-  sums[0] += dot_block(U, b.Q, n);
-  sums[1] += dot_block(U, U, n);
-  sums[2] += dot_block(b.Q, b.Q, n);
-  store(prev, U, n);
-  store(snap, P, n);
-  if (!a.accumulators.empty()) {
-    float* z = a.accumulators[t] + off;
-    const float w = a.accumulate_weight;
-    for (int64_t i = 0; i < n; ++i) z[i] = madd(w, P[i], z[i]);
+}
+
+// The sgd_step instantiation for the runtime flags (templated only on what changes memory traffic).
+template <typename T, bool kMomentum, int kStore, bool kRegret>
+Range pick_boundary(bool boundary) {
+  return boundary ? &sgd_step_range<T, kMomentum, kStore, kRegret, true>
+                  : &sgd_step_range<T, kMomentum, kStore, kRegret, false>;
+}
+
+template <typename T, bool kMomentum, int kStore>
+Range pick_regret(bool regret, bool boundary) {
+  return regret ? pick_boundary<T, kMomentum, kStore, true>(boundary)
+                : pick_boundary<T, kMomentum, kStore, false>(boundary);
+}
+
+template <typename T, bool kMomentum>
+Range pick_store(int64_t store, bool regret, bool boundary) {
+  if (store == 1) return pick_regret<T, kMomentum, 1>(regret, boundary);
+  if (store == 2) return pick_regret<T, kMomentum, 2>(regret, boundary);
+  return pick_regret<T, kMomentum, 0>(regret, boundary);
+}
+
+template <typename T>
+Range pick_step(bool momentum, int64_t store, bool regret, bool boundary) {
+  return momentum ? pick_store<T, true>(store, regret, boundary) : pick_store<T, false>(store, regret, boundary);
+}
+
+// <a, prev> and ||a||^2 with a the regularized gradient, or the direction when kDirection.
+template <typename T, bool kDirection>
+void sgd_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
+  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
+  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
+  const T* __restrict__ buf = kDirection ? static_cast<const T*>(a.buffers[t]) : nullptr;
+  const T* __restrict__ prev = static_cast<const T*>(a.prevs[t]);
+  const SgdElement e = a.e;
+  for (int64_t block = begin; block < end; block += kBlock) {
+    float dot[kLanes] = {0}, nrm[kLanes] = {0};
+    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+      const int64_t i = block + j;
+      const float pi = e.use_weight_decay ? static_cast<float>(p[i]) : 0.0f;
+      const float r = e.regularized(static_cast<float>(g[i]), pi);
+      float x = r;
+      if constexpr (kDirection) x = e.direction(r, e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r));
+      const float q = static_cast<float>(prev[i]);
+      dot[k] += x * q;
+      nrm[k] += x * x;
+    });
+    flush(dot, sums[0]);
+    flush(nrm, sums[1]);
+  }
+}
+
+template <typename T>
+void boundary_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
+  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
+  T* __restrict__ snap = static_cast<T*>(a.boundary.snapshots[t]);
+  T* __restrict__ disp = static_cast<T*>(a.boundary.prev_displacements[t]);
+  float* __restrict__ z = a.boundary.accumulators.empty() ? nullptr : a.boundary.accumulators[t];
+  const float scale = a.boundary.scale.at(t);
+  for (int64_t block = begin; block < end; block += kBlock) {
+    float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
+    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+      const int64_t i = block + j;
+      boundary_element<T>(p[i], snap[i], disp[i], z != nullptr ? z + i : nullptr, scale, a.boundary.has_scale,
+                          a.boundary.accumulate_weight, dot[k], uu[k], qq[k]);
+    });
+    flush(dot, sums[0]);
+    flush(uu, sums[1]);
+    flush(qq, sums[2]);
   }
 }
 
 BoundaryArgs boundary_args(const TensorList& snapshots, const TensorList& prev_displacements,
                            const std::optional<at::Tensor>& scale, const TensorList& accumulators, double weight) {
   BoundaryArgs a;
-  for (const auto& t : snapshots) a.snapshots.push_back(t.data_ptr());
-  for (const auto& t : prev_displacements) a.prev_displacements.push_back(t.data_ptr());
+  a.snapshots = pointers(snapshots);
+  a.prev_displacements = pointers(prev_displacements);
   for (const auto& t : accumulators) a.accumulators.push_back(t.data_ptr<float>());
   a.scale = per_tensor(scale, 1.0);
   a.has_scale = scale.has_value();
@@ -115,11 +225,12 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
   TensorList params = params_in.vec();
   check_params(params);
   const SgdHyper h = make_sgd_hyper(momentum, dampening, weight_decay, nesterov, maximize, first_step);
-  const bool use_prevs = store_kind != 0 || regret.has_value();
+  const bool has_momentum = h.momentum != 0.0f;
+  const bool has_regret = regret.has_value();
   const bool boundary = !snapshots_in.empty();
   check_list(params, grads_in.vec(), "grads", false);
-  check_list(params, buffers_in.vec(), "buffers", h.momentum == 0.0f);
-  check_list(params, prevs_in.vec(), "prevs", !use_prevs);
+  check_list(params, buffers_in.vec(), "buffers", !has_momentum);
+  check_list(params, prevs_in.vec(), "prevs", store_kind == 0 && !has_regret);
   TORCH_CHECK(store_kind >= 0 && store_kind <= 2, "autolr_fused: store must be 0, 1 or 2");
   if (boundary) check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   if (params.empty()) return at::empty({0, 3}, at::TensorOptions().dtype(at::kFloat));
@@ -128,55 +239,23 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
 
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  const TensorList grads = aligner.align(grads_in.vec(), false);
-  const TensorList buffers = aligner.align(buffers_in.vec(), true);
-  const TensorList prevs = aligner.align(prevs_in.vec(), true);
-  const TensorList snapshots = aligner.align(snapshots_in.vec(), true);
-  const TensorList prev_displacements = aligner.align(prev_displacements_in.vec(), true);
-  const TensorList accumulators = aligner.align(accumulators_in.vec(), true);
-  const BoundaryArgs bargs = boundary_args(snapshots, prev_displacements, scale, accumulators, accumulate_weight);
-  const PerTensor lrs = per_tensor(lr, lr_value);
-  const float* regrets = regret ? regret->data_ptr<float>() : nullptr;
-  const float* gscale = scale_ptr(grad_scale);
-  const bool has_momentum = h.momentum != 0.0f;
-
-  const auto chunks = make_chunks(work);
-  std::vector<double> partial(boundary ? chunks.size() * 3 : 0, 0.0);
-  parallel_chunks(chunks, [&](const Chunk& c, int64_t index) {
-    const int64_t t = c.tensor;
-    dispatch_dtype(work[t].scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      T* p = work[t].data_ptr<T>();
-      const T* g = grads[t].data_ptr<T>();
-      T* buf = has_momentum ? buffers[t].data_ptr<T>() : nullptr;
-      T* prev = use_prevs ? prevs[t].data_ptr<T>() : nullptr;
-      const float neg_lr = -lrs.at(t);
-      const float rd = regrets != nullptr ? regrets[t] : 0.0f;
-      double sums[3] = {0.0, 0.0, 0.0};
-      Block b;
-      for (int64_t off = c.begin; off < c.end; off += kBlock) {
-        const int64_t n = std::min(kBlock, c.end - off);
-        const float* dir = stage_sgd<T>(h, gscale, p + off, g + off, has_momentum ? buf + off : nullptr, n, true, b);
-        if (has_momentum) store(buf + off, b.M, n);
-        if (regrets != nullptr) {
-          load(b.Q, prev + off, n);
-          for (int64_t i = 0; i < n; ++i) b.P[i] = madd(b.Q[i], rd, b.P[i]);
-        }
-        for (int64_t i = 0; i < n; ++i) b.P[i] = madd(neg_lr, dir[i], b.P[i]);
-        store(p + off, b.P, n);
-        if (store_kind != 0) store(prev + off, store_kind == 1 ? b.R : dir, n);
-        if (boundary) {
-          round_to<T>(b.P, n);
-          boundary_block<T>(bargs, t, off, n, b.P, b, sums);
-        }
-      }
-      if (boundary)
-        for (int k = 0; k < 3; ++k) partial[index * 3 + k] = sums[k];
-    });
+  Args args;
+  args.e = sgd_element(h, scale_ptr(grad_scale));
+  args.params = pointers(work);
+  args.grads = pointers(aligner.align(grads_in.vec(), false));
+  args.buffers = pointers(aligner.align(buffers_in.vec(), true));
+  args.prevs = pointers(aligner.align(prevs_in.vec(), true));
+  args.lrs = per_tensor(lr, lr_value);
+  args.regrets = has_regret ? regret->data_ptr<float>() : nullptr;
+  args.boundary = boundary_args(aligner.align(snapshots_in.vec(), true),
+                                aligner.align(prev_displacements_in.vec(), true), scale,
+                                aligner.align(accumulators_in.vec(), true), accumulate_weight);
+  auto stats = run_chunks(work, args, boundary ? 3 : 0, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return pick_step<T>(has_momentum, store_kind, has_regret, boundary);
   });
   aligner.finish();
-  if (!boundary) return at::empty({0, 3}, at::TensorOptions().dtype(at::kFloat));
-  return sum_partials(chunks, partial, static_cast<int64_t>(work.size()), 3);
+  return stats;
 }
 
 at::Tensor sgd_reduce_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList buffers_in,
@@ -186,46 +265,22 @@ at::Tensor sgd_reduce_cpu(at::TensorList params_in, at::TensorList grads_in, at:
   TensorList params = params_in.vec();
   check_params(params);
   const SgdHyper h = make_sgd_hyper(momentum, dampening, weight_decay, nesterov, maximize, first_step);
-  const bool has_momentum = h.momentum != 0.0f && of_direction;
+  const bool direction = h.momentum != 0.0f && of_direction;  // without momentum the direction is r
   check_list(params, grads_in.vec(), "grads", false);
-  check_list(params, buffers_in.vec(), "buffers", !has_momentum);
+  check_list(params, buffers_in.vec(), "buffers", !direction);
   check_list(params, prevs_in.vec(), "prevs", false);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  const TensorList grads = aligner.align(grads_in.vec(), false);
-  const TensorList buffers = aligner.align(buffers_in.vec(), false);
-  const TensorList prevs = aligner.align(prevs_in.vec(), false);
-  const float* gscale = scale_ptr(grad_scale);
-  // The regularized gradient needs no momentum: stage it without touching the buffers.
-  SgdHyper staged = h;
-  if (!has_momentum) staged.momentum = 0.0f;
-  const bool need_p = h.weight_decay != 0.0f;
-
-  const auto chunks = make_chunks(work);
-  std::vector<double> partial(chunks.size() * 2, 0.0);
-  parallel_chunks(chunks, [&](const Chunk& c, int64_t index) {
-    const int64_t t = c.tensor;
-    dispatch_dtype(work[t].scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const T* p = work[t].data_ptr<T>();
-      const T* g = grads[t].data_ptr<T>();
-      const T* buf = has_momentum ? buffers[t].data_ptr<T>() : nullptr;
-      const T* prev = prevs[t].data_ptr<T>();
-      double sums[2] = {0.0, 0.0};
-      Block b;
-      for (int64_t off = c.begin; off < c.end; off += kBlock) {
-        const int64_t n = std::min(kBlock, c.end - off);
-        const float* dir = stage_sgd<T>(staged, gscale, p + off, g + off, buf ? buf + off : nullptr, n, need_p, b);
-        const float* a = of_direction ? dir : b.R;
-        load(b.Q, prev + off, n);
-        sums[0] += dot_block(a, b.Q, n);
-        sums[1] += dot_block(a, a, n);
-      }
-      partial[index * 2] = sums[0];
-      partial[index * 2 + 1] = sums[1];
-    });
+  Args args;
+  args.e = sgd_element(h, scale_ptr(grad_scale));
+  args.params = pointers(work);
+  args.grads = pointers(aligner.align(grads_in.vec(), false));
+  args.buffers = pointers(aligner.align(buffers_in.vec(), false));
+  args.prevs = pointers(aligner.align(prevs_in.vec(), false));
+  return run_chunks(work, args, 2, [&](auto tag) -> Range {
+    using T = typename decltype(tag)::type;
+    return direction ? &sgd_reduce_range<T, true> : &sgd_reduce_range<T, false>;
   });
-  return sum_partials(chunks, partial, static_cast<int64_t>(work.size()), 2);
 }
 
 at::Tensor boundary_pass_cpu(at::TensorList params_in, at::TensorList snapshots_in,
@@ -236,30 +291,17 @@ at::Tensor boundary_pass_cpu(at::TensorList params_in, at::TensorList snapshots_
   check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  const TensorList snapshots = aligner.align(snapshots_in.vec(), true);
-  const TensorList prev_displacements = aligner.align(prev_displacements_in.vec(), true);
-  const TensorList accumulators = aligner.align(accumulators_in.vec(), true);
-  const BoundaryArgs bargs = boundary_args(snapshots, prev_displacements, scale, accumulators, accumulate_weight);
-
-  const auto chunks = make_chunks(work);
-  std::vector<double> partial(chunks.size() * 3, 0.0);
-  parallel_chunks(chunks, [&](const Chunk& c, int64_t index) {
-    const int64_t t = c.tensor;
-    dispatch_dtype(work[t].scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const T* p = work[t].data_ptr<T>();
-      double sums[3] = {0.0, 0.0, 0.0};
-      Block b;
-      for (int64_t off = c.begin; off < c.end; off += kBlock) {
-        const int64_t n = std::min(kBlock, c.end - off);
-        load(b.P, p + off, n);
-        boundary_block<T>(bargs, t, off, n, b.P, b, sums);
-      }
-      for (int k = 0; k < 3; ++k) partial[index * 3 + k] = sums[k];
-    });
+  Args args;
+  args.params = pointers(work);
+  args.boundary = boundary_args(aligner.align(snapshots_in.vec(), true),
+                                aligner.align(prev_displacements_in.vec(), true), scale,
+                                aligner.align(accumulators_in.vec(), true), accumulate_weight);
+  auto stats = run_chunks(work, args, 3, [&](auto tag) -> Range {
+    using T = typename decltype(tag)::type;
+    return &boundary_range<T>;
   });
   aligner.finish();
-  return sum_partials(chunks, partial, static_cast<int64_t>(work.size()), 3);
+  return stats;
 }
 
 }  // namespace

@@ -61,7 +61,6 @@ inline void check_list(const TensorList& params, const TensorList& list, const c
       TORCH_CHECK(at::isFloatingType(t.scalar_type()), "autolr_fused: ", name, "[", i, "] must be floating point");
     }
   }
-  (void)params;
 }
 
 inline void check_params(const TensorList& params) {
@@ -87,8 +86,8 @@ inline void check_vector(const std::optional<at::Tensor>& v, const char* name, s
 
 // Makes every tensor of a step walkable as one flat array in the parameter's memory order.
 // A parameter that is not dense is replaced by a contiguous copy; a state tensor whose strides
-// differ from its (working) parameter's by a copy with the parameter's layout. Copies of tensors
-// the op writes are copied back by finish().
+// differ from its (working) parameter's by a copy with the parameter's layout. The aligner owns
+// the copies; those of tensors the op writes are copied back by finish().
 class LayoutAligner {
  public:
   explicit LayoutAligner(const TensorList& params) {
@@ -117,6 +116,7 @@ class LayoutAligner {
       } else {
         auto copy = at::empty_like(p, t.options()).copy_(t);
         if (written) write_back_.emplace_back(t, copy);
+        copies_.push_back(copy);  // alive until the aligner goes: kernels hold raw pointers into it
         out.push_back(copy);
       }
     }
@@ -130,6 +130,7 @@ class LayoutAligner {
 
  private:
   TensorList work_params_;
+  TensorList copies_;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
 };
 
