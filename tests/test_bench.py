@@ -1,0 +1,48 @@
+"""The benchmark command: its parameter sets are the ones performance.md names, and a tiny run writes
+the table and a JSON a script can check (rows side by side with torch's SGD, ratios filled in)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from autolr_fused.backends import available_backends
+from autolr_fused.bench.param_sets import PARAM_SETS, numel
+
+
+def test_resnet50_set_has_torchvisions_161_tensors_and_25_6m_parameters():
+    shapes = PARAM_SETS["resnet50"]()
+    assert len(shapes) == 161
+    assert numel(shapes) == 25_557_032  # torchvision.models.resnet50().parameters()
+
+
+def test_transformer350m_and_many_small_sets_match_the_spec():
+    shapes = PARAM_SETS["transformer350m"]()
+    assert len(shapes) == 1 + 24 * 12
+    assert 340e6 < numel(shapes) < 360e6
+    small = PARAM_SETS["many_small"]()
+    assert len(small) == 2000
+    assert all(1 <= numel([s]) <= 4096 for s in small)
+
+
+def test_bench_command_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    methods = "torch-SGD-fused,FusedSGD,FusedTLR-step,FusedRDBD-adam"
+    proc = subprocess.run(
+        [sys.executable, "-m", "autolr_fused.bench", "--sets", "tiny", "--methods", methods, "--steps", "2",
+         "--warmup", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "FusedTLR-step" in proc.stdout and "x fused SGD" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "commit", "rows"} <= set(result)
+    rows = result["rows"]
+    backends = [b for b in available_backends() if b in ("reference", "cpu")]
+    assert {(r["method"], r["backend"]) for r in rows} >= {("FusedTLR-step", b) for b in backends}
+    fused = [r for r in rows if r["method"] == "torch-SGD-fused"]
+    assert len(fused) == 1 and abs(fused[0]["vs_torch_fused_sgd"] - 1.0) < 1e-12
+    for r in rows:
+        assert r["median_ms"] > 0 and r["gb_per_s"] > 0
+        if r["backend"] not in ("reference", "torch", "peer"):
+            assert r["speedup_vs_reference"] > 0
