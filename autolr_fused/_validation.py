@@ -100,24 +100,29 @@ def check_sgd_arguments(group: dict) -> None:
 
 def check_gradients(param_groups: list[dict]) -> None:
     """Refuse sparse and complex gradients before a step changes anything."""
+    strided = torch.strided
     for group in param_groups:
         for p in group["params"]:
             g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise SparseGradientError(
-                    "autolr_fused optimizers do not support sparse gradients "
-                    f"(a parameter of shape {tuple(p.shape)} has a {g.layout} gradient); "
-                    "use dense gradients, e.g. nn.Embedding(sparse=False)"
-                )
-            if p.is_complex() or g.is_complex():
-                raise ArgumentTypeError(
-                    "autolr_fused optimizers do not support complex parameters; "
-                    "pass real views instead (torch.view_as_real)"
-                )
-            if g.shape != p.shape:
-                raise ValueError(f"a gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(p.shape)}")
+            # One cheap test per tensor on the hot path; the detailed checks only when it fails.
+            if g is not None and (
+                g.layout is not strided or g.dtype.is_complex or p.dtype.is_complex or g.shape != p.shape
+            ):
+                _refuse_gradient(p, g)
+
+
+def _refuse_gradient(p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise SparseGradientError(
+            "autolr_fused optimizers do not support sparse gradients "
+            f"(a parameter of shape {tuple(p.shape)} has a {g.layout} gradient); "
+            "use dense gradients, e.g. nn.Embedding(sparse=False)"
+        )
+    if p.is_complex() or g.is_complex():
+        raise ArgumentTypeError(
+            "autolr_fused optimizers do not support complex parameters; pass real views instead (torch.view_as_real)"
+        )
+    raise ValueError(f"a gradient has shape {tuple(g.shape)} but its parameter has shape {tuple(p.shape)}")
 
 
 class SparseGradientError(RuntimeError, ValueError):

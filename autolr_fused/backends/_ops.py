@@ -9,6 +9,7 @@ Python arguments (``primitives.py``) into the ops' flat arguments.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _kernels_take(params: Sequence[Tensor]) -> bool:
     """The kernels take float32, bfloat16 and float16; a call with other dtypes (float64) runs on reference."""
-    return all(p.dtype in KERNEL_DTYPES for p in params)
+    return set(map(_DTYPE, params)) <= _KERNEL_DTYPE_SET
+
+
+_DTYPE = operator.attrgetter("dtype")
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 
 
 def has_kernel(device_type: str) -> bool:

@@ -62,17 +62,23 @@ def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: li
     """
     if not params:
         return []
+    grads = [p.grad for p in params]
     if group["momentum"] == 0:
-        return [Unit(params, [p.grad for p in params], [], False)]
+        return [Unit(params, grads, [], False)]
+    states = [optimizer.state[p] for p in params]
+    buffers = [s.get("momentum_buffer") for s in states]
+    if all(b is not None for b in buffers):  # the usual step: one unit
+        return [Unit(params, grads, buffers, False)]
     units = []
-    for first_step in (False, True):
-        chosen = [p for p in params if ("momentum_buffer" not in optimizer.state[p]) == first_step]
-        if first_step:
-            for p in chosen:
-                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        if chosen:
-            buffers = [optimizer.state[p]["momentum_buffer"] for p in chosen]
-            units.append(Unit(chosen, [p.grad for p in chosen], buffers, first_step))
+    old = [i for i, b in enumerate(buffers) if b is not None]
+    if old:
+        units.append(Unit([params[i] for i in old], [grads[i] for i in old], [buffers[i] for i in old], False))
+    new = [i for i, b in enumerate(buffers) if b is None]
+    for i in new:
+        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    units.append(
+        Unit([params[i] for i in new], [grads[i] for i in new], [states[i]["momentum_buffer"] for i in new], True)
+    )
     return units
 
 
