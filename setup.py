@@ -32,7 +32,11 @@ def extensions() -> tuple[list, dict]:
         name="autolr_fused._C",
         sources=sources + (cuda_sources if use_cuda else []),
         include_dirs=[os.path.abspath("csrc/include")],
-        extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-fopenmp", *_cpu_arch_flags()], "nvcc": ["-O3"]},
+        # -ffp-contract=off: a * b + c is fused only where the source says so (madd), as in the CUDA kernels.
+        extra_compile_args={
+            "cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", *_cpu_arch_flags()],
+            "nvcc": ["-O3"],
+        },
         extra_link_args=["-fopenmp"],
         define_macros=[("AUTOLR_WITH_CUDA", "1")] if use_cuda else [],
     )

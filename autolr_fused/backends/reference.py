@@ -27,7 +27,9 @@ def _lr_at(lr: Lr, i: int) -> Lr:
 
 def _unscaled(g: Tensor, grad_scale: Tensor | None) -> Tensor:
     """GradScaler's unscale, kept in float32 (as torch's fused optimizers do) rather than rounded to g's dtype."""
-    return g if grad_scale is None else g.float() / grad_scale.reshape(())
+    if grad_scale is None:
+        return g
+    return g.to(torch.promote_types(g.dtype, torch.float32)) / grad_scale.reshape(())
 
 
 def _stats(rows: list[list[Tensor]], n_columns: int, device: torch.device) -> Tensor:
@@ -58,7 +60,7 @@ def _adam_terms(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, cfg: AdamConfig, step: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(direction d, new first moment, new second moment), without writing anything."""
-    g = -g if cfg.maximize else g
+    g = (-g if cfg.maximize else g).to(m.dtype)  # torch.lerp needs one dtype: an unscaled g is float32
     if cfg.weight_decay != 0 and not cfg.decoupled_weight_decay:
         g = g.add(p, alpha=cfg.weight_decay)
     new_m = m.lerp(g, 1 - cfg.beta1)

@@ -20,6 +20,8 @@ struct AdamElement {
   float grad_factor = 1.0f;  // (maximize ? -1 : 1) / GradScaler's scale
   float weight_decay = 0.0f, beta1_weight = 0.1f, beta2 = 0.999f, one_minus_beta2 = 0.001f, eps = 1e-8f;
   float bias_correction1 = 1.0f, bias_correction2_sqrt = 1.0f;
+  float lerp_factor = 0.1f;  // w, or -(1 - w) when w >= 0.5
+  bool lerp_from_m = true;  // w < 0.5
   bool coupled_weight_decay = false;
 
   // The gradient term, and m, v, d of this step from the old moments.
@@ -27,10 +29,8 @@ struct AdamElement {
     const float x = g * grad_factor;
     return coupled_weight_decay ? madd(weight_decay, p, x) : x;
   }
-  // torch.lerp(m, x, w): m + w (x - m) for w < 0.5, else x - (x - m)(1 - w).
-  float first_moment(float m, float x) const {
-    return beta1_weight < 0.5f ? madd(beta1_weight, x - m, m) : madd(-(1.0f - beta1_weight), x - m, x);
-  }
+  // torch.lerp(m, x, w): m + w (x - m) for w < 0.5, else x - (x - m)(1 - w); both as one fma.
+  float first_moment(float m, float x) const { return madd(lerp_factor, x - m, lerp_from_m ? m : x); }
   float second_moment(float v, float x) const { return v * beta2 + one_minus_beta2 * x * x; }
   float direction(float m, float v) const {
     return (m / bias_correction1) / (std::sqrt(v) / bias_correction2_sqrt + eps);
@@ -43,6 +43,8 @@ AdamElement adam_element(const AdamHyper& h, const float* grad_scale) {
   e.grad_factor = h.maximize ? -inverse_scale : inverse_scale;
   e.weight_decay = h.weight_decay;
   e.beta1_weight = h.one_minus_beta1;
+  e.lerp_from_m = h.one_minus_beta1 < 0.5f;
+  e.lerp_factor = e.lerp_from_m ? h.one_minus_beta1 : -(1.0f - h.one_minus_beta1);
   e.beta2 = h.beta2;
   e.one_minus_beta2 = h.one_minus_beta2;
   e.eps = h.eps;

@@ -207,14 +207,6 @@ BoundaryArgs boundary_args(const TensorList& snapshots, const TensorList& prev_d
   return a;
 }
 
-void check_boundary(const TensorList& params, const TensorList& snapshots, const TensorList& prev_displacements,
-                    const std::optional<at::Tensor>& scale, const TensorList& accumulators) {
-  check_list(params, snapshots, "snapshots", false);
-  check_list(params, prev_displacements, "prev_displacements", false);
-  check_list(params, accumulators, "accumulators", true, false, true);
-  if (!params.empty()) check_vector(scale, "scale", params.size(), true, params[0].device());
-}
-
 at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::TensorList buffers_in,
                         const std::optional<at::Tensor>& lr, double lr_value, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step, at::TensorList prevs_in,

@@ -84,6 +84,16 @@ inline void check_vector(const std::optional<at::Tensor>& v, const char* name, s
               " has ", v->numel(), " elements for ", n, " tensors");
 }
 
+// The lists of a boundary pass (AutoDrop's epoch end, TLR's window end).
+inline void check_boundary(const TensorList& params, const TensorList& snapshots,
+                           const TensorList& prev_displacements, const std::optional<at::Tensor>& scale,
+                           const TensorList& accumulators) {
+  check_list(params, snapshots, "snapshots", false);
+  check_list(params, prev_displacements, "prev_displacements", false);
+  check_list(params, accumulators, "accumulators", true, false, true);
+  if (!params.empty()) check_vector(scale, "scale", params.size(), true, params[0].device());
+}
+
 // Makes every tensor of a step walkable as one flat array in the parameter's memory order.
 // A parameter that is not dense is replaced by a contiguous copy; a state tensor whose strides
 // differ from its (working) parameter's by a copy with the parameter's layout. The aligner owns
