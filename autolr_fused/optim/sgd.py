@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_sgd_arguments
-from autolr_fused.backends.primitives import lr_vector
+from autolr_fused.backends.primitives import REGULARIZED, lr_vector
 from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer
 
@@ -99,6 +99,49 @@ class SGDDirectionOptimizer(AutoLROptimizer):
 
     def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
         return momentum_units(self, group, params)
+
+    def _prev_work(self, key: str) -> list[tuple[dict[str, Any], Unit, list[Tensor]]]:
+        """(group, unit, previous vectors ``state[p][key]``) of every group with gradients."""
+        return [
+            (group, unit, self._prevs(unit.params, key))
+            for group in self.param_groups
+            for unit in self._units(group, self._grad_params(group))
+        ]
+
+    def _reduce_against_prev(self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]]) -> Tensor:
+        """Rows ``(<r_t, prev>, ||r_t||^2)``, one per tensor of ``work`` in order, r_t the regularized gradient."""
+        return torch.cat(
+            [
+                self._ops.sgd_reduce(
+                    unit.params,
+                    unit.grads,
+                    unit.buffers,
+                    prevs,
+                    SGDConfig.of_group(group),
+                    first_step=unit.first_step,
+                    of=REGULARIZED,
+                    grad_scale=self._grad_scale,
+                )
+                for group, unit, prevs in work
+            ]
+        )
+
+    def _step_storing_prev(
+        self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]], lrs: Callable[[dict, Unit], Tensor], store: str
+    ) -> None:
+        """The update of every unit at ``lrs(group, unit)``, storing this step's ``store`` vector as the previous."""
+        for group, unit, prevs in work:
+            self._ops.sgd_step(
+                unit.params,
+                unit.grads,
+                unit.buffers,
+                lrs(group, unit),
+                SGDConfig.of_group(group),
+                first_step=unit.first_step,
+                prevs=prevs,
+                store=store,
+                grad_scale=self._grad_scale,
+            )
 
     def _sgd_group_step(self, group: dict[str, Any]) -> None:
         """One torch.optim.SGD step of a group at the group's current lr."""

@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from autolr_fused._validation import check_range
-from autolr_fused.backends.primitives import DIRECTION, REGULARIZED
+from autolr_fused.backends.primitives import DIRECTION
 from autolr_fused.controllers import hypergradient
-from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
 
 
@@ -63,46 +61,17 @@ class FusedSGDHD(SGDDirectionOptimizer):
         return {"step": 0}
 
     def _step(self) -> None:
-        ops, grad_scale = self._ops, self._grad_scale
-        work = []  # (group, unit, prevs) for every group with gradients
-        for group in self.param_groups:
-            for unit in self._units(group, self._grad_params(group)):
-                work.append((group, unit, self._prevs(unit.params, "prev_direction")))
+        work = self._prev_work("prev_direction")
         if not work:
             return
         if self._controller["step"] >= 1:  # t >= 2: <r_t, d_{t-1}> (0 for a tensor without d_{t-1})
-            h = torch.cat(
-                [
-                    ops.sgd_reduce(
-                        unit.params,
-                        unit.grads,
-                        unit.buffers,
-                        prevs,
-                        SGDConfig.of_group(group),
-                        first_step=unit.first_step,
-                        of=REGULARIZED,
-                        grad_scale=grad_scale,
-                    )[:, 0]
-                    for group, unit, prevs in work
-                ]
-            ).sum()
+            h = self._reduce_against_prev(work)[:, 0].sum()
             for group in self.param_groups:
                 lr = self._lr_tensor(group)
                 lr.copy_(hypergradient.update(lr, h.to(lr.device), float(group["hypergrad_lr"])))
             self._statistics["inner_product"] = h
         self._controller["step"] += 1
-        for group, unit, prevs in work:
-            ops.sgd_step(
-                unit.params,
-                unit.grads,
-                unit.buffers,
-                self._lr_tensor(group).reshape(1),
-                SGDConfig.of_group(group),
-                first_step=unit.first_step,
-                prevs=prevs,
-                store=DIRECTION,
-                grad_scale=grad_scale,
-            )
+        self._step_storing_prev(work, lambda group, _: self._lr_tensor(group).reshape(1), DIRECTION)
 
     def stats(self) -> dict[str, float]:
         h = self._statistics.get("inner_product")

@@ -138,41 +138,13 @@ class FusedTLR(SGDDirectionOptimizer):
 
     def _step_mode(self) -> None:
         """Algorithm 2: scale the lr by the factor of <r_t, r_{t-1}> before the update."""
-        ops, grad_scale = self._ops, self._grad_scale
-        work = []  # (group, unit, prevs) for every group with gradients
-        for group in self.param_groups:
-            for unit in self._units(group, self._grad_params(group)):
-                work.append((group, unit, self._prevs(unit.params, "prev_grad")))
+        work = self._prev_work("prev_grad")
         if not work:
             return
         if self._controller["step"] >= 1:  # t >= 2
-            stats = [
-                ops.sgd_reduce(
-                    unit.params,
-                    unit.grads,
-                    unit.buffers,
-                    prevs,
-                    SGDConfig.of_group(group),
-                    first_step=unit.first_step,
-                    of=REGULARIZED,
-                    grad_scale=grad_scale,
-                )
-                for group, unit, prevs in work
-            ]
-            self._apply_factor(torch.cat(stats), [p for _, unit, _ in work for p in unit.params])
+            self._apply_factor(self._reduce_against_prev(work), [p for _, unit, _ in work for p in unit.params])
         self._controller["step"] += 1
-        for group, unit, prevs in work:
-            ops.sgd_step(
-                unit.params,
-                unit.grads,
-                unit.buffers,
-                self._lrs(group, unit.params),
-                SGDConfig.of_group(group),
-                first_step=unit.first_step,
-                prevs=prevs,
-                store=REGULARIZED,
-                grad_scale=grad_scale,
-            )
+        self._step_storing_prev(work, lambda group, unit: self._lrs(group, unit.params), REGULARIZED)
 
     def _window_mode(self) -> None:
         """Section 4: the factor of consecutive window displacements, at window ends.
