@@ -33,6 +33,14 @@ TORCH_LIBRARY(autolr_fused, m) {
       "float bias_correction1, float bias_correction2_sqrt, Tensor? grad_scale) -> Tensor");
 }
 
+// An optimizer step is not differentiated (it runs under no_grad): autograd passes straight through to
+// the device kernels instead of warning that no backward exists.
+TORCH_LIBRARY_IMPL(autolr_fused, Autograd, m) {
+  for (const char* op : {"sgd_step", "sgd_reduce", "boundary_pass", "adam_step", "adam_reduce"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
+}
+
 // `import autolr_fused._C` runs the registrations above; the module itself is empty.
 static struct PyModuleDef autolr_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&autolr_fused_module); }

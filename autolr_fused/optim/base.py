@@ -138,6 +138,10 @@ class AutoLROptimizer(torch.optim.Optimizer):
         return torch.device("cpu")
 
     # ------------------------------------------------------------------- step
+    # Inside torch.compile'd code the step runs as its own fused ops, untraced: the host-side controller
+    # state (counters, epoch logic) and Python-float lrs would otherwise become guards that recompile as
+    # they change. tests/test_compile.py counts the compiles.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss if given."""
