@@ -3,8 +3,9 @@
 For every parameter set, one run times torch.optim.SGD (for-loop, foreach,
 fused; momentum 0.9), every method on the reference backend and on each kernel
 backend available for the device, and the peers users would pick instead
-(dadaptation.DAdaptSGD, prodigyopt.Prodigy, schedulefree.SGDScheduleFree) when
-installed. It reports the median step time over ``--steps`` timed steps after
+(dadaptation.DAdaptSGD, prodigyopt.Prodigy, schedulefree.SGDScheduleFree when
+installed, and hypergradient SGD as its authors publish it: ``flat_sgdhd.py``).
+It reports the median step time over ``--steps`` timed steps after
 ``--warmup``, the effective bandwidth (the method's minimal bytes per step /
 time), its ratio to torch's fused SGD (and, on a GPU, to a large copy), and
 each kernel backend's speed-up over the reference backend. It prints a table
@@ -29,6 +30,7 @@ import torch
 
 import autolr_fused as alr
 from autolr_fused.backends import available_backends
+from autolr_fused.bench.flat_sgdhd import FlatVectorSGDHD
 from autolr_fused.bench.param_sets import PARAM_SETS, numel
 
 MOMENTUM = 0.9
@@ -73,6 +75,9 @@ def _peers() -> dict[str, Method]:
         ),
         "torch-SGD-fused": Method(
             lambda p, _: torch.optim.SGD(p, lr=0.01, momentum=MOMENTUM, fused=True), 5, ours=False
+        ),
+        "SGDN-HD-flat-vector": Method(
+            lambda p, _: FlatVectorSGDHD(p, lr=0.01, momentum=MOMENTUM, hypergrad_lr=1e-6), 7, ours=False
         ),
     }
     try:
