@@ -24,10 +24,13 @@ struct AdamElement {
   bool lerp_from_m = true;  // w < 0.5
   bool coupled_weight_decay = false;
 
-  // The gradient term, and m, v, d of this step from the old moments.
+  // The gradient term (kCoupled: Adam's weight decay, a template flag so that the loop has no select
+  // on it, which gcc does not vectorise next to the regret's update), and m, v, d of this step.
+  template <bool kCoupled>
   float gradient(float g, float p) const {
     const float x = g * grad_factor;
-    return coupled_weight_decay ? madd(weight_decay, p, x) : x;
+    if constexpr (kCoupled) return madd(weight_decay, p, x);
+    return x;
   }
   // torch.lerp(m, x, w): m + w (x - m) for w < 0.5, else x - (x - m)(1 - w); both as one fma.
   float first_moment(float m, float x) const { return madd(lerp_factor, x - m, lerp_from_m ? m : x); }
@@ -75,18 +78,21 @@ void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, doubl
   const float lr = a.lrs.at(t);
   const float keep = 1.0f - lr * a.decoupled_weight_decay;  // exactly 1 without AdamW's decay
   const float rd = kRegret ? a.regrets[t] : 0.0f;
-  for (int64_t i = begin; i < end; ++i) {
-    float pi = static_cast<float>(p[i]);
-    const float x = e.gradient(static_cast<float>(g[i]), pi);
-    const float mi = e.first_moment(static_cast<float>(m[i]), x);
-    const float vi = e.second_moment(static_cast<float>(v[i]), x);
-    const float d = e.direction(mi, vi);
-    if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
-    p[i] = static_cast<T>(madd(-lr, d, pi * keep));
-    m[i] = static_cast<T>(mi);
-    v[i] = static_cast<T>(vi);
-    if constexpr (kStore) prev[i] = static_cast<T>(d);
-  }
+  with_flag(e.coupled_weight_decay, [&](auto coupled) {
+    AUTOLR_FUSED_NO_ALIAS
+    for (int64_t i = begin; i < end; ++i) {
+      float pi = static_cast<float>(p[i]);
+      const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
+      const float mi = e.first_moment(static_cast<float>(m[i]), x);
+      const float vi = e.second_moment(static_cast<float>(v[i]), x);
+      const float d = e.direction(mi, vi);
+      if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
+      p[i] = static_cast<T>(madd(-lr, d, pi * keep));
+      m[i] = static_cast<T>(mi);
+      v[i] = static_cast<T>(vi);
+      if constexpr (kStore) prev[i] = static_cast<T>(d);
+    }
+  });
 }
 
 template <typename T>
@@ -97,19 +103,23 @@ void adam_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, dou
   const T* __restrict__ v = static_cast<const T*>(a.exp_avg_sqs[t]);
   const T* __restrict__ prev = static_cast<const T*>(a.prevs[t]);
   const AdamElement e = a.e;
-  for (int64_t block = begin; block < end; block += kBlock) {
-    float dot[kLanes] = {0}, nrm[kLanes] = {0};
-    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
-      const int64_t i = block + j;
-      const float x = e.gradient(static_cast<float>(g[i]), e.coupled_weight_decay ? static_cast<float>(p[i]) : 0.0f);
-      const float d = e.direction(e.first_moment(static_cast<float>(m[i]), x), e.second_moment(static_cast<float>(v[i]), x));
-      const float q = static_cast<float>(prev[i]);
-      dot[k] += d * q;
-      nrm[k] += d * d;
-    });
-    flush(dot, sums[0]);
-    flush(nrm, sums[1]);
-  }
+  with_flag(e.coupled_weight_decay, [&](auto coupled) {
+    for (int64_t block = begin; block < end; block += kBlock) {
+      float dot[kLanes] = {0}, nrm[kLanes] = {0};
+      for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+        const int64_t i = block + j;
+        const float pi = coupled() ? static_cast<float>(p[i]) : 0.0f;  // read only with coupled weight decay
+        const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
+        const float d =
+            e.direction(e.first_moment(static_cast<float>(m[i]), x), e.second_moment(static_cast<float>(v[i]), x));
+        const float q = static_cast<float>(prev[i]);
+        dot[k] += d * q;
+        nrm[k] += d * d;
+      });
+      flush(dot, sums[0]);
+      flush(nrm, sums[1]);
+    }
+  });
 }
 
 void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,

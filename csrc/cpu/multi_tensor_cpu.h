@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace autolr_fused {
@@ -70,13 +71,26 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
+// Before an element loop whose arrays are distinct tensors: they never overlap, so the compiler may
+// vectorise without runtime alias checks (with many arrays it gives up on the checks otherwise).
+#if defined(__clang__)
+#define AUTOLR_FUSED_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define AUTOLR_FUSED_NO_ALIAS _Pragma("GCC ivdep")
+#else
+#define AUTOLR_FUSED_NO_ALIAS
+#endif
+
 // f(j, k) for j in [0, n) with k = j % kLanes; full groups of kLanes are a constant-trip inner
-// loop the compiler vectorises, so per-lane accumulators stay in vector registers.
+// loop the compiler vectorises, so per-lane accumulators stay in vector registers (the arrays f
+// touches are distinct tensors).
 template <class F>
 inline void for_lanes(int64_t n, const F& f) {
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
+  for (; j + kLanes <= n; j += kLanes) {
+    AUTOLR_FUSED_NO_ALIAS
     for (int64_t k = 0; k < kLanes; ++k) f(j + k, k);
+  }
   for (int64_t k = 0; j < n; ++j, ++k) f(j, k);
 }
 
@@ -88,6 +102,17 @@ inline void flush(float (&lanes)[kLanes], double& sum) {
     lanes[k] = 0.0f;
   }
   sum += s;
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag as a compile-time constant, so that the
+// element loop f instantiates has no test of it.
+template <class F>
+inline void with_flag(bool flag, const F& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <typename T>

@@ -48,7 +48,6 @@ struct BoundaryArgs {
   std::vector<void*> snapshots, prev_displacements;
   std::vector<float*> accumulators;
   PerTensor scale;
-  bool has_scale = false;
   float accumulate_weight = 0.0f;
 };
 
@@ -63,21 +62,21 @@ struct Args {
 
 using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, double* sums);
 
-// One element of the snapshot pass: u = (p - snapshot) / scale; the three statistics; prev = u;
-// snapshot = p; z += weight * p.
-template <typename T>
-inline void boundary_element(T stored, T& snap, T& prev, float* z, float scale, bool has_scale, float weight,
-                             float& dot, float& uu, float& qq) {
+// One element of the snapshot pass: u = (p - snapshot) / scale (scale is exactly 1 when none is given,
+// so the division changes nothing then and the loop has no branch); the three statistics; prev = u;
+// snapshot = p; with kAccumulate, z += weight * p.
+template <typename T, bool kAccumulate>
+inline void boundary_element(T stored, T& snap, T& prev, float* z, float scale, float weight, float& dot, float& uu,
+                             float& qq) {
   const float p = static_cast<float>(stored);
-  float u = p - static_cast<float>(snap);
-  if (has_scale) u = u / scale;
+  const float u = (p - static_cast<float>(snap)) / scale;
   const float q = static_cast<float>(prev);
   dot += u * q;
   uu += u * u;
   qq += q * q;
   prev = static_cast<T>(u);
   snap = stored;
-  if (z != nullptr) *z = madd(weight, p, *z);
+  if constexpr (kAccumulate) *z = madd(weight, p, *z);
 }
 
 template <typename T, bool kMomentum, int kStore, bool kRegret, bool kBoundary>
@@ -93,36 +92,37 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
   const float neg_lr = -a.lrs.at(t);
   const float rd = kRegret ? a.regrets[t] : 0.0f;
   const float scale = kBoundary ? a.boundary.scale.at(t) : 1.0f;
-  const bool has_scale = a.boundary.has_scale;
   const float weight = a.boundary.accumulate_weight;
-  for (int64_t block = begin; block < end; block += kBlock) {
-    float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
-    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
-      const int64_t i = block + j;
-      float pi = static_cast<float>(p[i]);
-      const float r = e.regularized(static_cast<float>(g[i]), pi);
-      float d = r;
-      if constexpr (kMomentum) {
-        const float m = e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r);
-        buf[i] = static_cast<T>(m);
-        d = e.direction(r, m);
-      }
-      if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
-      const T stored = static_cast<T>(madd(neg_lr, d, pi));
-      p[i] = stored;
-      if constexpr (kStore == 1) prev[i] = static_cast<T>(r);
-      if constexpr (kStore == 2) prev[i] = static_cast<T>(d);
+  with_flag(z != nullptr, [&](auto accumulate) {
+    for (int64_t block = begin; block < end; block += kBlock) {
+      float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
+      for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+        const int64_t i = block + j;
+        float pi = static_cast<float>(p[i]);
+        const float r = e.regularized(static_cast<float>(g[i]), pi);
+        float d = r;
+        if constexpr (kMomentum) {
+          const float m = e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r);
+          buf[i] = static_cast<T>(m);
+          d = e.direction(r, m);
+        }
+        if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
+        const T stored = static_cast<T>(madd(neg_lr, d, pi));
+        p[i] = stored;
+        if constexpr (kStore == 1) prev[i] = static_cast<T>(r);
+        if constexpr (kStore == 2) prev[i] = static_cast<T>(d);
+        if constexpr (kBoundary) {
+          float* zi = accumulate() ? z + i : nullptr;
+          boundary_element<T, accumulate()>(stored, snap[i], disp[i], zi, scale, weight, dot[k], uu[k], qq[k]);
+        }
+      });
       if constexpr (kBoundary) {
-        boundary_element<T>(stored, snap[i], disp[i], z != nullptr ? z + i : nullptr, scale, has_scale, weight,
-                            dot[k], uu[k], qq[k]);
+        flush(dot, sums[0]);
+        flush(uu, sums[1]);
+        flush(qq, sums[2]);
       }
-    });
-    if constexpr (kBoundary) {
-      flush(dot, sums[0]);
-      flush(uu, sums[1]);
-      flush(qq, sums[2]);
     }
-  }
+  });
 }
 
 // The sgd_step instantiation for the runtime flags (templated only on what changes memory traffic).
@@ -182,17 +182,20 @@ void boundary_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
   T* __restrict__ disp = static_cast<T*>(a.boundary.prev_displacements[t]);
   float* __restrict__ z = a.boundary.accumulators.empty() ? nullptr : a.boundary.accumulators[t];
   const float scale = a.boundary.scale.at(t);
-  for (int64_t block = begin; block < end; block += kBlock) {
-    float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
-    for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
-      const int64_t i = block + j;
-      boundary_element<T>(p[i], snap[i], disp[i], z != nullptr ? z + i : nullptr, scale, a.boundary.has_scale,
-                          a.boundary.accumulate_weight, dot[k], uu[k], qq[k]);
-    });
-    flush(dot, sums[0]);
-    flush(uu, sums[1]);
-    flush(qq, sums[2]);
-  }
+  const float weight = a.boundary.accumulate_weight;
+  with_flag(z != nullptr, [&](auto accumulate) {
+    for (int64_t block = begin; block < end; block += kBlock) {
+      float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
+      for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
+        const int64_t i = block + j;
+        float* zi = accumulate() ? z + i : nullptr;
+        boundary_element<T, accumulate()>(p[i], snap[i], disp[i], zi, scale, weight, dot[k], uu[k], qq[k]);
+      });
+      flush(dot, sums[0]);
+      flush(uu, sums[1]);
+      flush(qq, sums[2]);
+    }
+  });
 }
 
 BoundaryArgs boundary_args(const TensorList& snapshots, const TensorList& prev_displacements,
@@ -202,7 +205,6 @@ BoundaryArgs boundary_args(const TensorList& snapshots, const TensorList& prev_d
   a.prev_displacements = pointers(prev_displacements);
   for (const auto& t : accumulators) a.accumulators.push_back(t.data_ptr<float>());
   a.scale = per_tensor(scale, 1.0);
-  a.has_scale = scale.has_value();
   a.accumulate_weight = static_cast<float>(weight);
   return a;
 }
