@@ -2,7 +2,7 @@
 
 ``python tests/distributed_worker.py RANK WORLD_SIZE STORE_FILE OUT_FILE`` joins a
 Gloo process group (CPU) through a file store, runs every scenario in
-``SCENARIOS`` and saves what it saw to ``OUT_FILE`` with ``torch.save``: per
+``SCENARIOS`` (in OUT_FILE's folder, shared by the ranks) and saves what it saw to ``OUT_FILE`` with ``torch.save``: per
 scenario either the records or the error's traceback, so that one failing
 scenario does not hide the others. The test compares the ranks' files with each
 other and with :func:`train` run in the test's own process without sharding.
@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,7 +151,7 @@ def _my_rows() -> slice:
     return slice(dist.get_rank() * half, (dist.get_rank() + 1) * half)
 
 
-def scenario_ddp() -> dict[str, Any]:
+def scenario_ddp(workdir: Path) -> dict[str, Any]:
     """Every method and backend under DistributedDataParallel, each rank on its half of the batch."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -192,7 +193,7 @@ def _average_replicated_grads(model: nn.Module) -> Callable[[], None]:
     return average
 
 
-def scenario_fsdp2() -> dict[str, Any]:
+def scenario_fsdp2(workdir: Path) -> dict[str, Any]:
     """Every method and backend under FSDP2; then, per method, a state_dict round trip continues exactly."""
     out = {}
     for name, method in METHODS.items():
@@ -217,6 +218,47 @@ def scenario_fsdp2() -> dict[str, Any]:
         kept = train(model, optimizer, _my_rows(), _average_replicated_grads(model), 2, STEPS + 1)
         again = train(twin, resumed, _my_rows(), _average_replicated_grads(twin), 2, STEPS + 1)
         out[name, "resumed"] = (kept, again)
+    out["dcp"] = _checkpoint_round_trip(workdir / "checkpoint")
+    return out
+
+
+def _checkpoint_round_trip(directory: Path) -> dict[str, Any]:
+    """FusedTLR's state_dict through torch.distributed.checkpoint: save and load, and the state_dict helpers.
+
+    ``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``, so loading its output must
+    fail with a message that says so; ``dcp.save``/``dcp.load`` of ``optimizer.state_dict()`` must
+    restore everything (the DTensor state sharded, the controller's counters).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    make = METHODS["tlr"].make
+    model = _fully_sharded()
+    optimizer = make(list(model.parameters()), "reference")
+    train(model, optimizer, _my_rows(), _average_replicated_grads(model), 3)
+    out: dict[str, Any] = {}
+    twin = _fully_sharded()
+    try:
+        set_optimizer_state_dict(
+            twin, make(list(twin.parameters()), "reference"), get_optimizer_state_dict(model, optimizer)
+        )
+        out["helpers"] = None
+    except ValueError as error:
+        out["helpers"] = str(error)
+    dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=directory)
+    loaded = make(list(twin.parameters()), "reference")
+    train(twin, loaded, _my_rows(), _average_replicated_grads(twin), 1)  # state of the saved structure to load into
+    target = {"optimizer": loaded.state_dict()}
+    dcp.load(target, checkpoint_id=directory)
+    loaded.load_state_dict(target["optimizer"])
+    saved, restored = optimizer.state_dict(), loaded.state_dict()
+    out["controller"] = (saved["controller"], restored["controller"])
+    out["lr"] = (saved["param_groups"][0]["lr"], restored["param_groups"][0]["lr"])
+    out["state"] = [
+        (full(saved["state"][i][key]), full(value))
+        for i, state in restored["state"].items()
+        for key, value in state.items()
+    ]
     return out
 
 
@@ -236,7 +278,7 @@ AALR_LOSSES = (
 )
 
 
-def scenario_aalr() -> dict[str, Any]:
+def scenario_aalr(workdir: Path) -> dict[str, Any]:
     """AALR around a DDP model, fed different losses on each rank: decisions and parameters per epoch."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -251,7 +293,7 @@ def scenario_aalr() -> dict[str, Any]:
     return {"decisions": decisions, "params": params, "stats": controller.stats()}
 
 
-def scenario_errors() -> dict[str, Any]:
+def scenario_errors(workdir: Path) -> dict[str, Any]:
     """What an optimizer says about DTensor layouts it cannot handle: (error type, message) or None per case."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -291,7 +333,7 @@ def main(rank: int, world_size: int, store_file: str, out_file: str) -> None:
     try:
         for name, scenario in SCENARIOS.items():
             try:
-                results[name] = scenario()
+                results[name] = scenario(Path(out_file).parent)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
                 break  # the ranks may now be out of step: later collectives could hang

@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +96,22 @@ def scenario(ranks: list[dict[str, Any]], name: str) -> list[Any]:
     return [records[name] for records in ranks]
 
 
-def assert_identical(a: Any, b: Any, what: str) -> None:
-    """Bit for bit (NaN equals NaN: AutoDrop's angle before two epochs)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for key in a:
-            assert_identical(a[key], b[key], f"{what}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
+def compare(got: Any, expected: Any, what: str, leaf: Callable[[Any, Any, str], None]) -> None:
+    """``leaf`` on every pair of leaves of two equally nested dicts, lists and tuples."""
+    if isinstance(got, dict):
+        assert got.keys() == expected.keys(), what
+        for key in got:
+            compare(got[key], expected[key], f"{what}[{key!r}]", leaf)
+    elif isinstance(got, (list, tuple)):
+        assert len(got) == len(expected), what
+        for i, (x, y) in enumerate(zip(got, expected)):
+            compare(x, y, f"{what}[{i}]", leaf)
+    else:
+        leaf(got, expected, what)
+
+
+def _identical(a: Any, b: Any, what: str) -> None:
+    if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{what}: {a} != {b}"
     elif isinstance(a, float) and math.isnan(a):
         assert isinstance(b, float) and math.isnan(b), f"{what}: nan != {b}"
@@ -113,24 +119,24 @@ def assert_identical(a: Any, b: Any, what: str) -> None:
         assert a == b, f"{what}: {a!r} != {b!r}"
 
 
-def assert_close(got: Any, expected: Any, what: str) -> None:
-    """Within the module's tolerances (its docstring says why); NaN only where NaN is expected."""
-    if isinstance(got, dict):
-        assert got.keys() == expected.keys(), what
-        for key in got:
-            assert_close(got[key], expected[key], f"{what}[{key!r}]")
-    elif isinstance(got, (list, tuple)):
-        assert len(got) == len(expected), what
-        for i, (x, y) in enumerate(zip(got, expected)):
-            assert_close(x, y, f"{what}[{i}]")
-    elif isinstance(got, torch.Tensor):
+def _close(got: Any, expected: Any, what: str) -> None:
+    if isinstance(got, torch.Tensor):
         torch.testing.assert_close(got, expected, rtol=RTOL, atol=TENSOR_ATOL, msg=lambda m: f"{what}: {m}")
     elif isinstance(got, float):
-        assert math.isclose(got, expected, rel_tol=RTOL) or (math.isnan(got) and math.isnan(expected)), (
-            f"{what}: {got} != {expected}"
-        )
+        nan = math.isnan(got) and math.isnan(expected)
+        assert nan or math.isclose(got, expected, rel_tol=RTOL), f"{what}: {got} != {expected}"
     else:
         assert got == expected, f"{what}: {got!r} != {expected!r}"
+
+
+def assert_identical(a: Any, b: Any, what: str) -> None:
+    """Bit for bit (NaN equals NaN: AutoDrop's angle before two epochs)."""
+    compare(a, b, what, _identical)
+
+
+def assert_close(got: Any, expected: Any, what: str) -> None:
+    """Within the module's tolerances (its docstring says why); NaN only where NaN is expected."""
+    compare(got, expected, what, _close)
 
 
 def one_process(name: str, backend: str) -> dict[str, Any]:
@@ -190,6 +196,17 @@ def test_fsdp2_state_dict_keeps_dtensor_state_and_resumes_exactly(ranks, name):
         for (param, key), kind in records[name, "state_types"].items():
             sharded = param != "offset" and key not in scalar_keys
             assert kind == ("DTensor" if sharded else "Tensor"), (param, key, kind)
+
+
+def test_fsdp2_checkpoint_saves_and_loads_optimizer_state_dict_with_dcp(ranks):
+    """dcp.save/dcp.load of ``optimizer.state_dict()`` restores it all; the state_dict helpers' output is refused."""
+    for records in scenario(ranks, "fsdp2"):
+        checkpoint = records["dcp"]
+        assert "get_optimizer_state_dict" in checkpoint["helpers"], checkpoint["helpers"]
+        assert_identical(*checkpoint["controller"], "controller")
+        assert_identical(*checkpoint["lr"], "lr")
+        assert_identical(*zip(*checkpoint["state"]), "state tensors")
+        assert len(checkpoint["state"]) >= 6, "momentum buffers and previous gradients of 6 tensors"
 
 
 # ------------------------------------------------------------------------------------------------ AALR

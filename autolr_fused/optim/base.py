@@ -208,10 +208,17 @@ class AutoLROptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         expected = self._initial_controller_state(self.defaults)
         saved_controller = state_dict.get("controller", {} if not expected else None)
-        if saved_controller is None or set(saved_controller) != set(expected):
+        if saved_controller is None:
+            # torch.distributed.checkpoint.state_dict's get_optimizer_state_dict keeps only these two keys.
+            raise ValueError(
+                f"state_dict has no 'controller' entry, which {type(self).__name__} needs; a state_dict from "
+                "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict lacks it: checkpoint "
+                "optimizer.state_dict() itself (torch.distributed.checkpoint.save works with it)"
+            )
+        if set(saved_controller) != set(expected):
             raise ValueError(
                 f"state_dict does not hold this {type(self).__name__}'s controller state "
-                f"(expected keys {sorted(expected)}, got {sorted(saved_controller or {})}); "
+                f"(expected keys {sorted(expected)}, got {sorted(saved_controller)}); "
                 "was it saved from a different optimizer?"
             )
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
