@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+PRIMITIVES = ("sgd_step", "sgd_reduce", "boundary_pass", "adam_step", "adam_reduce")
 REGULARIZED = "regularized"
 DIRECTION = "direction"
 

@@ -117,7 +117,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         at_end = c["step_in_epoch"] >= config["steps_per_epoch"]
         # While a drop is pending, this epoch end accumulates z += k * x_e with k known now.
         weight = c["k"] + 1 if c["drop_pending"] else 0
-        stats = []
+        stats, stepped = [], []  # the epoch-end rows, and the lists of their tensors
         for group in self.param_groups:
             params = self._grad_params(group)
             fused = at_end and len(params) == len(group["params"])
@@ -135,11 +135,13 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
                 )
                 if fused:
                     stats.append(out)
+                    stepped.append(unit.params)
             if at_end and not fused and group["params"]:
                 stats.append(ops.boundary_pass(group["params"], self._boundary(group["params"], weight)))
+                stepped.append(group["params"])
         if at_end:
             c["step_in_epoch"] = 0
-            self._end_epoch(torch.cat(stats) if stats else None, weight)
+            self._end_epoch(self._global_rows(torch.cat(stats), stepped) if stats else None, weight)
 
     def _boundary(self, params: list[Tensor], weight: int) -> Boundary:
         """The epoch-end pass: s_e = x_e - x_{e-1} into ``prev_displacement``, and z += k * x_e if pending."""

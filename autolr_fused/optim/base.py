@@ -9,6 +9,7 @@ backend together.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from autolr_fused._validation import check_gradients
 from autolr_fused.backends import resolve_backend
+from autolr_fused.distributed import LocalShardOps, Sharding, is_dtensor
 
 
 def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
@@ -45,7 +47,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
     _lr_on_device: bool = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str = "auto") -> None:
-        self.backend, self._ops = resolve_backend(backend)
+        self._sharding: Sharding | None = None  # set by add_param_group when a parameter is a DTensor
+        self._use_backend(*resolve_backend(backend))
         self._check_group(dict(defaults))
         # Host-side controller state: plain Python numbers, saved in state_dict.
         self._controller: dict[str, Any] = self._initial_controller_state(defaults)
@@ -55,7 +58,12 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._flat_cache: tuple[tuple[int, ...], dict[str, Tensor]] | None = None  # see _flat_state
         super().__init__(params, defaults)
         if backend == "auto":  # now that the parameters' device is known
-            self.backend, self._ops = resolve_backend(backend, self._device())
+            self._use_backend(*resolve_backend(backend, self._device()))
+
+    def _use_backend(self, name: str, ops: Any) -> None:
+        """Step with backend ``ops``; with DTensor parameters, through their local shards."""
+        self.backend, self._backend_ops = name, ops
+        self._ops = ops if self._sharding is None else LocalShardOps(ops)
 
     # ----------------------------------------------------------------- groups
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
@@ -78,7 +86,13 @@ class AutoLROptimizer(torch.optim.Optimizer):
             if key in param_group and param_group[key] != self.defaults[key]:
                 raise ValueError(f"{key} is optimizer-wide and cannot differ per parameter group")
         self._check_group(full)
+        sharding = self._sharding
+        if sharding is not None or any(is_dtensor(p) for p in params):
+            sharding = Sharding.of([*self._all_params(), *params])  # checks the new group before it is added
         super().add_param_group({**param_group, "params": params})
+        if sharding is not self._sharding:
+            self._sharding = sharding
+            self._use_backend(self.backend, self._backend_ops)
         if self._lr_on_device:
             self._lr_tensor(self.param_groups[-1])
 
@@ -150,6 +164,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         check_gradients(self.param_groups)
+        if self._sharding is not None:
+            self._sharding.check_gradients(self.param_groups)
         found_inf = getattr(self, "found_inf", None)
         # A step GradScaler skips changes nothing, host-side counters included, so the
         # flag is read here: the one synchronisation of a step under a GradScaler.
@@ -165,6 +181,19 @@ class AutoLROptimizer(torch.optim.Optimizer):
 
     def _step(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _global_rows(self, rows: Tensor, param_lists: list[list[Tensor]]) -> Tensor:
+        """The primitives' statistic rows (one per tensor of ``param_lists``, in order) over whole tensors.
+
+        They already are unless parameters are sharded; then each rank's rows are
+        partial sums over its shards, summed here with one all_reduce (see
+        ``autolr_fused.distributed``). Every controller reads its rows through this.
+        The tensors come as the lists the primitives were called with, joined only
+        when sharded: the unsharded path costs one attribute test.
+        """
+        if self._sharding is None:
+            return rows
+        return self._sharding.sum_rows(rows, list(itertools.chain.from_iterable(param_lists)))
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -183,10 +212,17 @@ class AutoLROptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         expected = self._initial_controller_state(self.defaults)
         saved_controller = state_dict.get("controller", {} if not expected else None)
-        if saved_controller is None or set(saved_controller) != set(expected):
+        if saved_controller is None:
+            # torch.distributed.checkpoint.state_dict's get_optimizer_state_dict keeps only these two keys.
+            raise ValueError(
+                f"state_dict has no 'controller' entry, which {type(self).__name__} needs; a state_dict from "
+                "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict lacks it: checkpoint "
+                "optimizer.state_dict() itself (torch.distributed.checkpoint.save works with it)"
+            )
+        if set(saved_controller) != set(expected):
             raise ValueError(
                 f"state_dict does not hold this {type(self).__name__}'s controller state "
-                f"(expected keys {sorted(expected)}, got {sorted(saved_controller or {})}); "
+                f"(expected keys {sorted(expected)}, got {sorted(saved_controller)}); "
                 "was it saved from a different optimizer?"
             )
         for saved, group in zip(state_dict["param_groups"], self.param_groups):

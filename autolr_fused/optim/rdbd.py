@@ -145,15 +145,16 @@ class FusedRDBD(AutoLROptimizer):
                 work.append((group, unit, self._prevs(unit.params, "prev_direction")))
         if not work:
             return
-        h = []  # h_t per tensor: <d_t, d_{t-1}>, 0 where d_{t-1} does not exist yet (zeros)
+        rows = []  # (h_t, ||d_t||^2) per tensor, h_t = <d_t, d_{t-1}>: 0 where d_{t-1} does not exist yet (zeros)
         for group, unit, prevs in work:
             lists, cfg, kw = self._primitive_args(group, unit)
             reduce = ops.sgd_reduce if group["base"] == "sgd" else ops.adam_reduce
             of = {"of": DIRECTION} if group["base"] == "sgd" else {}
-            h.append(reduce(unit.params, unit.grads, *lists, prevs, cfg, grad_scale=grad_scale, **kw, **of)[:, 0])
+            rows.append(reduce(unit.params, unit.grads, *lists, prevs, cfg, grad_scale=grad_scale, **kw, **of))
         params = [p for _, unit, _ in work for p in unit.params]
+        h_all = self._global_rows(torch.cat(rows), [params])[:, 0]
         flat = self._flat_state(params, ("lr", "prev_h", "prev_delta"))
-        h_all, prev_h, prev_delta, old_lr = torch.cat(h), flat["prev_h"], flat["prev_delta"], flat["lr"]
+        prev_h, prev_delta, old_lr = flat["prev_h"], flat["prev_delta"], flat["lr"]
         updates, start = [], 0
         for group, unit, _ in work:
             end = start + len(unit.params)

@@ -110,7 +110,7 @@ class SGDDirectionOptimizer(AutoLROptimizer):
 
     def _reduce_against_prev(self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]]) -> Tensor:
         """Rows ``(<r_t, prev>, ||r_t||^2)``, one per tensor of ``work`` in order, r_t the regularized gradient."""
-        return torch.cat(
+        rows = torch.cat(
             [
                 self._ops.sgd_reduce(
                     unit.params,
@@ -125,6 +125,7 @@ class SGDDirectionOptimizer(AutoLROptimizer):
                 for group, unit, prevs in work
             ]
         )
+        return self._global_rows(rows, [unit.params for _, unit, _ in work])
 
     def _step_storing_prev(
         self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]], lrs: Callable[[dict, Unit], Tensor], store: str

@@ -186,7 +186,7 @@ class FusedTLR(SGDDirectionOptimizer):
             self._controller["step_in_window"] = 0
             self._controller["windows"] += 1
             if self._controller["windows"] >= 2 and stepped:  # j >= 2: u_{j-1} exists
-                self._apply_factor(torch.cat(stats)[:, :2], stepped)
+                self._apply_factor(self._global_rows(torch.cat(stats), [stepped])[:, :2], stepped)
 
     def _take_first_snapshots(self, params: list[Tensor]) -> None:
         """x_snap of a tensor that has none yet: the parameters before this step."""
