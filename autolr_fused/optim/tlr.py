@@ -202,12 +202,12 @@ class FusedTLR(SGDDirectionOptimizer):
             scale=lrs,
         )
 
-    def stats(self) -> dict[str, float]:
+    def _summary_stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]
         if lrs:
             out = self._lr_summary(lrs)
         else:
-            out = super().stats()
+            out = super()._summary_stats()
         factor = self._statistics.get("factor")
         out["factor"] = 1.0 if factor is None else factor.double().mean().item()
         return out
