@@ -5,7 +5,7 @@ available backend. Each case trains a small two-layer model (two param groups) o
 data; the interrupted run stops after ``k`` steps, saves the model's and the optimizer's
 state through ``torch.save`` into memory, loads it back with ``weights_only=True`` into a
 fresh model and a fresh optimizer, and continues. Same backend: the parameters, every lr,
-the whole optimizer state and ``stats()`` must be bit-identical (``torch.equal``) to the
+the whole optimizer state and ``stats(per_tensor=True)`` must be bit-identical (``torch.equal``) to the
 uninterrupted run's after every continued step: the state dict is the whole state, so
 there is nothing to be approximately equal about. Across backends (save on one, continue
 on another) the tolerance is ``tests/test_backends.py``'s float32 one.
@@ -197,7 +197,7 @@ def assert_same_run(model, opt, twin_model, twin, where: str) -> None:
     for (name, a), b in zip(twin_model.named_parameters(), model.parameters()):
         assert torch.equal(a, b), f"{where}: parameter {name} differs"
     assert lrs_of(twin) == lrs_of(opt), where
-    assert_same_values(twin.stats(), opt.stats(), f"{where}: stats()")
+    assert_same_values(twin.stats(per_tensor=True), opt.stats(per_tensor=True), f"{where}: stats(per_tensor=True)")
     assert_same_values(twin.state_dict(), opt.state_dict(), f"{where}: state_dict()")
 
 
