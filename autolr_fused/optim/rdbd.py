@@ -37,7 +37,9 @@ class FusedRDBD(AutoLROptimizer):
     SGD runs; its Adam runs use ``betas=(0.05, 0.99)`` and ``meta_lr=5e-7``.
 
     Extra memory per parameter: the previous direction (1 x parameter size),
-    plus the momentum buffer (SGD with momentum) or the two moments (Adam).
+    plus the momentum buffer (SGD with momentum) or the two moments (Adam);
+    and per tensor three float32 scalars (its lr, the last h and the last lr
+    change), views of three shared vectors.
     """
 
     _global_keys = ("base",)

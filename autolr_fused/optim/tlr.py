@@ -40,7 +40,8 @@ class FusedTLR(SGDDirectionOptimizer):
 
     Extra memory per parameter: step mode, the previous regularized gradient
     (1 x parameter size); window mode, the window snapshot and the previous
-    scaled displacement (2 x); plus the momentum buffer.
+    scaled displacement (2 x); plus the momentum buffer. ``per_layer=True``
+    adds one float32 scalar per tensor (its lr, a view of one shared vector).
     """
 
     _global_keys = ("per_layer", "bound", "steps_per_epoch", "update_fraction")
