@@ -2,8 +2,8 @@
 
 Public API: the optimizers :class:`FusedSGD`, :class:`FusedSGDL`,
 :class:`FusedAutoDropSGD`, :class:`FusedTLR`, :class:`FusedRDBD`,
-:class:`FusedSGDHD`, the epoch-level controller :class:`AALR`, and
-:func:`available_backends`.
+:class:`FusedSGDHD`, the epoch-level controller :class:`AALR`, the logging
+helper :class:`StatsLogger`, and :func:`available_backends`.
 """
 
 from autolr_fused._validation import ArgumentTypeError
@@ -19,6 +19,7 @@ from autolr_fused.optim import (
     FusedSGDL,
     FusedTLR,
 )
+from autolr_fused.telemetry import StatsLogger
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "FusedSGDHD",
     "FusedSGDL",
     "FusedTLR",
+    "StatsLogger",
     "available_backends",
     "__version__",
 ]

@@ -28,7 +28,16 @@ from autolr_fused import (
     available_backends,
 )
 
-PUBLIC_CLASSES = ["AALR", "FusedAutoDropSGD", "FusedRDBD", "FusedSGD", "FusedSGDHD", "FusedSGDL", "FusedTLR"]
+PUBLIC_CLASSES = [
+    "AALR",
+    "FusedAutoDropSGD",
+    "FusedRDBD",
+    "FusedSGD",
+    "FusedSGDHD",
+    "FusedSGDL",
+    "FusedTLR",
+    "StatsLogger",
+]
 SHAPES = [(4, 3), (5,), (2, 1, 3)]
 
 # One row per optimizer configuration: (factory taking params and extra kwargs, extra stats keys).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -117,7 +118,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         at_end = c["step_in_epoch"] >= config["steps_per_epoch"]
         # While a drop is pending, this epoch end accumulates z += k * x_e with k known now.
         weight = c["k"] + 1 if c["drop_pending"] else 0
-        stats, stepped = [], []  # the epoch-end rows, and the lists of their tensors
+        stats, order = [], []  # the epoch-end rows and the tensors they belong to, in the same order
         for group in self.param_groups:
             params = self._grad_params(group)
             fused = at_end and len(params) == len(group["params"])
@@ -135,13 +136,30 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
                 )
                 if fused:
                     stats.append(out)
-                    stepped.append(unit.params)
+                    order += unit.params
             if at_end and not fused and group["params"]:
                 stats.append(ops.boundary_pass(group["params"], self._boundary(group["params"], weight)))
-                stepped.append(group["params"])
+                order += group["params"]
         if at_end:
             c["step_in_epoch"] = 0
-            self._end_epoch(self._global_rows(torch.cat(stats), stepped) if stats else None, weight)
+            rows = self._global_rows(torch.cat(stats), [order]) if stats else None
+            if rows is not None:
+                self._statistics["boundary"] = self._in_parameter_order(rows, order)
+            self._end_epoch(rows, weight)
+
+    def _in_parameter_order(self, rows: Tensor, order: list[Tensor]) -> Tensor:
+        """``rows`` (one per tensor of ``order``, a permutation of all parameters) in parameter order.
+
+        Kept for ``stats(per_tensor=True)``: the rows exist anyway, so keeping them
+        costs no work; only a step where the momentum units split a group (a
+        parameter's first step) needs a device-side reordering.
+        """
+        params = self._all_params()
+        if all(a is b for a, b in zip(order, params)):
+            return rows
+        position = {id(p): i for i, p in enumerate(params)}
+        index = torch.tensor([position[id(p)] for p in order], device=rows.device)
+        return torch.empty_like(rows).index_copy_(0, index, rows)
 
     def _boundary(self, params: list[Tensor], weight: int) -> Boundary:
         """The epoch-end pass: s_e = x_e - x_{e-1} into ``prev_displacement``, and z += k * x_e if pending."""
@@ -184,10 +202,10 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
                 else:
                     group["lr"] = new_lr
 
-    def stats(self) -> dict[str, float]:
+    def _summary_stats(self) -> dict[str, float]:
         c = self._controller
         return {
-            **super().stats(),
+            **super()._summary_stats(),
             "angle": c["angle"],
             "angle_mean": c["angle_mean"],
             "theta": c["theta"],
@@ -196,3 +214,12 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
             "epoch": c["epoch"],
             "drops": c["drops"],
         }
+
+    def _per_tensor_stats(self) -> dict[str, float]:
+        """The per-tensor lrs, and ``"angle/<i>"``: the spec's angle formula on tensor i's s_e and s_{e-1}."""
+        out = super()._per_tensor_stats()
+        rows = self._statistics.get("boundary")
+        rows = rows.tolist() if rows is not None and self._controller["epoch"] >= 2 else []
+        for i in range(len(self._all_params())):
+            out[f"angle/{i}"] = autodrop.angle_degrees(*rows[i]) if i < len(rows) else math.nan
+        return out

@@ -248,10 +248,40 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._statistics = {k: v.detach().to(device).clone() for k, v in state_dict.get("statistics", {}).items()}
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict[str, float]:
-        """Plain Python numbers for logging (this reads device values: it synchronises)."""
+    def stats(self, per_tensor: bool = False) -> dict[str, float]:
+        """Plain Python numbers for logging (this reads device values: it synchronises).
+
+        Always ``lr``, ``lr_min`` and ``lr_max`` (over groups, or over tensors for
+        per-tensor lrs), plus the method's own statistics. With ``per_tensor=True``
+        also ``"lr/<i>"``, the lr tensor ``i`` is updated with, and for
+        :class:`FusedAutoDropSGD` ``"angle/<i>"``, the angle between tensor ``i``'s
+        last two epoch displacements (NaN before the second epoch end); ``i`` is the
+        tensor's position in the optimizer's parameter order (groups in order: the
+        keys of ``state_dict()["state"]``). The per-tensor values come from what the
+        steps keep anyway, so asking for them costs nothing until ``stats`` is called.
+        """
+        out = self._summary_stats()
+        if per_tensor:
+            out.update(self._per_tensor_stats())
+        return out
+
+    def _summary_stats(self) -> dict[str, float]:
         lrs = [float(group["lr"]) for group in self.param_groups]
         return {"lr": lrs[0], "lr_min": min(lrs), "lr_max": max(lrs)}
+
+    def _per_tensor_stats(self) -> dict[str, float]:
+        """``"lr/<i>"`` per tensor: its own ``state[p]["lr"]`` where it has one, else its group's lr."""
+        lrs = [
+            self.state[p]["lr"] if p in self.state and "lr" in self.state[p] else group["lr"]
+            for group in self.param_groups
+            for p in group["params"]
+        ]
+        on_device = [i for i, lr in enumerate(lrs) if isinstance(lr, Tensor)]
+        if on_device:  # one read back for all of them
+            values = torch.stack([lrs[i].reshape(()).to(lrs[on_device[0]].device, torch.float32) for i in on_device])
+            for i, value in zip(on_device, values.tolist()):
+                lrs[i] = value
+        return {f"lr/{i}": float(lr) for i, lr in enumerate(lrs)}
 
     @staticmethod
     def _lr_summary(lrs: list[Tensor]) -> dict[str, float]:

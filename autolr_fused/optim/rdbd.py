@@ -37,7 +37,9 @@ class FusedRDBD(AutoLROptimizer):
     SGD runs; its Adam runs use ``betas=(0.05, 0.99)`` and ``meta_lr=5e-7``.
 
     Extra memory per parameter: the previous direction (1 x parameter size),
-    plus the momentum buffer (SGD with momentum) or the two moments (Adam).
+    plus the momentum buffer (SGD with momentum) or the two moments (Adam);
+    and per tensor three float32 scalars (its lr, the last h and the last lr
+    change), views of three shared vectors.
     """
 
     _global_keys = ("base",)
@@ -182,10 +184,10 @@ class FusedRDBD(AutoLROptimizer):
             step = ops.sgd_step if group["base"] == "sgd" else ops.adam_step
             step(unit.params, unit.grads, *lists, u.lr, cfg, prevs=prevs, regret=regret, grad_scale=grad_scale, **kw)
 
-    def stats(self) -> dict[str, float]:
+    def _summary_stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]
         if not lrs:
-            return {**super().stats(), "inner_product": 0.0}
+            return {**super()._summary_stats(), "inner_product": 0.0}
         h = torch.stack(
             [self.state[p]["prev_h"].to(lrs[0].device) for p in self._all_params() if "lr" in self.state[p]]
         )

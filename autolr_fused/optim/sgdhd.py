@@ -73,7 +73,7 @@ class FusedSGDHD(SGDDirectionOptimizer):
         self._controller["step"] += 1
         self._step_storing_prev(work, lambda group, _: self._lr_tensor(group).reshape(1), DIRECTION)
 
-    def stats(self) -> dict[str, float]:
+    def _summary_stats(self) -> dict[str, float]:
         h = self._statistics.get("inner_product")
         h = 0.0 if h is None else h.item()
-        return {**super().stats(), "inner_product": h}
+        return {**super()._summary_stats(), "inner_product": h}

@@ -95,5 +95,5 @@ class FusedSGDL(FusedSGD):
                 else:
                     group["lr"] = group["lr"] * self._anneal_extra["gamma"]
 
-    def stats(self) -> dict[str, float]:
-        return {**super().stats(), "step": self._controller["step"]}
+    def _summary_stats(self) -> dict[str, float]:
+        return {**super()._summary_stats(), "step": self._controller["step"]}

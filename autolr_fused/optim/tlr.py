@@ -40,7 +40,8 @@ class FusedTLR(SGDDirectionOptimizer):
 
     Extra memory per parameter: step mode, the previous regularized gradient
     (1 x parameter size); window mode, the window snapshot and the previous
-    scaled displacement (2 x); plus the momentum buffer.
+    scaled displacement (2 x); plus the momentum buffer. ``per_layer=True``
+    adds one float32 scalar per tensor (its lr, a view of one shared vector).
     """
 
     _global_keys = ("per_layer", "bound", "steps_per_epoch", "update_fraction")
@@ -202,12 +203,12 @@ class FusedTLR(SGDDirectionOptimizer):
             scale=lrs,
         )
 
-    def stats(self) -> dict[str, float]:
+    def _summary_stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]
         if lrs:
             out = self._lr_summary(lrs)
         else:
-            out = super().stats()
+            out = super()._summary_stats()
         factor = self._statistics.get("factor")
         out["factor"] = 1.0 if factor is None else factor.double().mean().item()
         return out
