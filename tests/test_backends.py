@@ -43,32 +43,47 @@ KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
 DEVICE = {"reference": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# name -> constructor(params, backend); every method and mode, with options that exercise the kernels' branches.
+# name -> constructor(params, backend, **extra keywords such as skip_nonfinite); every method and mode, with options
+# that exercise the kernels' branches.
 CASES = {
-    "sgd": lambda p, b: FusedSGD(p, lr=0.1, backend=b),
-    "sgd_nesterov_wd": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=b),
-    "sgd_dampening_maximize": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.8, dampening=0.3, maximize=True, backend=b),
-    "sgd_tensor_lr": lambda p, b: FusedSGD(p, lr=torch.tensor(0.05), momentum=0.5, backend=b),
-    "sgdl": lambda p, b: FusedSGDL(p, lr=0.3, total_steps=6, backend=b),
-    "autodrop": lambda p, b: FusedAutoDropSGD(
-        p, lr=0.1, steps_per_epoch=1, drop_delay=2, threshold=90.0, max_threshold=180.0, backend=b
+    "sgd": lambda p, b, **kw: FusedSGD(p, lr=0.1, backend=b, **kw),
+    "sgd_nesterov_wd": lambda p, b, **kw: FusedSGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=b, **kw
     ),
-    "autodrop_epochs": lambda p, b: FusedAutoDropSGD(
-        p, lr=0.1, weight_decay=1e-3, steps_per_epoch=2, drop_delay=1, threshold=90.0, max_threshold=180.0, backend=b
+    "sgd_dampening_maximize": lambda p, b, **kw: FusedSGD(
+        p, lr=0.05, momentum=0.8, dampening=0.3, maximize=True, backend=b, **kw
     ),
-    "tlr_step": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, weight_decay=5e-4, backend=b),
-    "tlr_step_layer": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, per_layer=True, backend=b),
-    "tlr_window": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, steps_per_epoch=6, backend=b),
-    "tlr_window_layer": lambda p, b: FusedTLR(p, lr=0.05, per_layer=True, steps_per_epoch=3, backend=b),
-    "rdbd_sgd": lambda p, b: FusedRDBD(p, lr=0.02, meta_lr=1e-4, momentum=0.9, backend=b),
-    "rdbd_sgd_dbd_bounds": lambda p, b: FusedRDBD(
-        p, lr=0.02, meta_lr=0.05, regret=False, lr_bounds=(0.0, 0.03), backend=b
+    "sgd_tensor_lr": lambda p, b, **kw: FusedSGD(p, lr=torch.tensor(0.05), momentum=0.5, backend=b, **kw),
+    "sgdl": lambda p, b, **kw: FusedSGDL(p, lr=0.3, total_steps=6, backend=b, **kw),
+    "autodrop": lambda p, b, **kw: FusedAutoDropSGD(
+        p, lr=0.1, steps_per_epoch=1, drop_delay=2, threshold=90.0, max_threshold=180.0, backend=b, **kw
     ),
-    "rdbd_adam": lambda p, b: FusedRDBD(p, base="adam", lr=0.01, meta_lr=1e-6, betas=(0.05, 0.99), backend=b),
-    "rdbd_adamw": lambda p, b: FusedRDBD(
-        p, base="adam", lr=0.01, meta_lr=1e-6, weight_decay=0.1, decoupled_weight_decay=True, backend=b
+    "autodrop_epochs": lambda p, b, **kw: FusedAutoDropSGD(
+        p,
+        lr=0.1,
+        weight_decay=1e-3,
+        steps_per_epoch=2,
+        drop_delay=1,
+        threshold=90.0,
+        max_threshold=180.0,
+        backend=b,
+        **kw,
     ),
-    "sgdhd": lambda p, b: FusedSGDHD(p, lr=0.05, momentum=0.9, hypergrad_lr=1e-3, backend=b),
+    "tlr_step": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, weight_decay=5e-4, backend=b, **kw),
+    "tlr_step_layer": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, per_layer=True, backend=b, **kw),
+    "tlr_window": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, steps_per_epoch=6, backend=b, **kw),
+    "tlr_window_layer": lambda p, b, **kw: FusedTLR(p, lr=0.05, per_layer=True, steps_per_epoch=3, backend=b, **kw),
+    "rdbd_sgd": lambda p, b, **kw: FusedRDBD(p, lr=0.02, meta_lr=1e-4, momentum=0.9, backend=b, **kw),
+    "rdbd_sgd_dbd_bounds": lambda p, b, **kw: FusedRDBD(
+        p, lr=0.02, meta_lr=0.05, regret=False, lr_bounds=(0.0, 0.03), backend=b, **kw
+    ),
+    "rdbd_adam": lambda p, b, **kw: FusedRDBD(
+        p, base="adam", lr=0.01, meta_lr=1e-6, betas=(0.05, 0.99), backend=b, **kw
+    ),
+    "rdbd_adamw": lambda p, b, **kw: FusedRDBD(
+        p, base="adam", lr=0.01, meta_lr=1e-6, weight_decay=0.1, decoupled_weight_decay=True, backend=b, **kw
+    ),
+    "sgdhd": lambda p, b, **kw: FusedSGDHD(p, lr=0.05, momentum=0.9, hypergrad_lr=1e-3, backend=b, **kw),
 }
 
 

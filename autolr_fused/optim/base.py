@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from autolr_fused._validation import (
+    ArgumentTypeError,
     check_bool,
     check_gradients,
     check_parameters,
@@ -70,6 +71,12 @@ class AutoLROptimizer(torch.optim.Optimizer):
     def __init__(
         self, params: Iterable, defaults: dict[str, Any], backend: str = "auto", *, skip_nonfinite: bool = False
     ) -> None:
+        if isinstance(params, (set, frozenset)) or not isinstance(params, Iterable) or isinstance(params, Tensor):
+            kind = "a set (its order is not reproducible)" if isinstance(params, (set, frozenset)) else None
+            raise ArgumentTypeError(
+                "params must be an ordered iterable (list, tuple, generator) of Tensors or of param-group dicts, "
+                f"got {kind or type(params).__name__}"
+            )
         self.backend, self._ops = resolve_backend(backend)
         # A setting of this optimizer object, like ``backend``: not a hyperparameter of a group (FusedSGD's
         # param_groups stay torch.optim.SGD's) and not in state_dict (load_state_dict keeps it).
@@ -99,8 +106,10 @@ class AutoLROptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        if isinstance(params, set):
+        if "params" not in param_group:
+            raise ValueError("a param group must have a 'params' entry (the tensors it holds)")
+        params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters need to be organized in ordered collections, not a set")
         params = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
         if len({id(p) for p in params}) != len(params):
