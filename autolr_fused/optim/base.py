@@ -235,10 +235,11 @@ class AutoLROptimizer(torch.optim.Optimizer):
             self._nonfinite_warned = True
             self._nonfinite_seen = None
             warnings.warn(
-                f"{type(self).__name__}: a step met inf/NaN gradients; the statistics they gave were not finite "
-                "and were kept from the learning rate, which stayed unchanged there (the parameters follow "
-                "torch.optim.SGD and may not be finite). Pass skip_nonfinite=True to skip such steps, or use "
-                "torch.amp.GradScaler. This warning is emitted once per optimizer.",
+                f"{type(self).__name__}: some step statistics were not finite (inf/NaN gradients or parameters, "
+                "an overflow, or in FusedTLR's window mode an lr of 0); they were kept from the learning rate, "
+                "which stayed unchanged there (the parameters follow torch.optim.SGD and may not be finite). "
+                "Pass skip_nonfinite=True to skip steps with inf/NaN gradients, or use torch.amp.GradScaler. "
+                "This warning is emitted once per optimizer.",
                 RuntimeWarning,
                 stacklevel=3,
             )
