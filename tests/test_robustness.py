@@ -36,6 +36,14 @@ NO_STATISTICS = {"sgd", "sgd_nesterov_wd", "sgd_dampening_maximize", "sgd_tensor
 PER_STEP_CASES = ["tlr_step", "tlr_step_layer", "tlr_window", "rdbd_sgd", "rdbd_adam", "sgdhd"]
 
 
+def run_case_steps(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps) -> None:
+    """Steps with ``test_backends.gradients`` (finite, seeded by the step number)."""
+    for step in steps:
+        for p, g in zip(params, gradients(params, step)):
+            p.grad = g
+        opt.step()
+
+
 def bad_gradients(params: list[torch.Tensor], step: int, value: float) -> list[torch.Tensor]:
     """This step's gradients with ``value`` in the first entry of every non-empty tensor."""
     grads = gradients(params, step)
@@ -123,10 +131,7 @@ def test_nonfinite_steps_read_nothing_back_and_stats_warns(case, backend):
     device = DEVICE[backend]
     params = make_params(torch.float32, device)
     opt = CASES[case](params, backend)
-    for step in range(2):
-        for p, g in zip(params, gradients(params, step)):
-            p.grad = g
-        opt.step()
+    run_case_steps(opt, params, range(2))
     patches = _forbid_host_reads()
     for patch in patches:
         patch.start()
@@ -153,10 +158,7 @@ def test_autodrop_warns_at_the_epoch_end_that_meets_a_nonfinite_angle(backend):
     opt = CASES["autodrop_epochs"](params, backend)  # two steps per epoch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for step in range(2):
-            for p, g in zip(params, gradients(params, step)):
-                p.grad = g
-            opt.step()
+        run_case_steps(opt, params, range(2))
         for p, g in zip(params, bad_gradients(params, 2, math.inf)):
             p.grad = g
         opt.step()  # mid-epoch: no read, no warning
@@ -358,10 +360,7 @@ def test_sparse_gradient_is_refused_before_the_step_changes_anything(case, backe
     device = DEVICE[backend]
     params = make_params(torch.float32, device)
     opt = CASES[case](params, backend)
-    for step in range(3):
-        for p, g in zip(params, gradients(params, step)):
-            p.grad = g
-        opt.step()
+    run_case_steps(opt, params, range(3))
     saved = snapshot(opt, params)
     params[-1].grad = params[-1].grad.contiguous().to_sparse()
     with pytest.raises(ValueError, match="sparse"):
