@@ -8,10 +8,12 @@ a ``TypeError`` and a ``ValueError`` so that callers catching either see it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
 import torch
+from torch import Tensor
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -96,6 +98,151 @@ def check_sgd_arguments(group: dict) -> None:
             "nesterov=True requires momentum > 0 and dampening == 0 "
             "(Nesterov momentum requires a momentum and zero dampening)"
         )
+
+
+def check_parameters(params: list, existing: list) -> None:
+    """Tensors an optimizer can step: real floating point, dense, all on one device, none listed twice.
+
+    ``params`` is a new group's list, ``existing`` every parameter the optimizer
+    has already; the fused primitives take tensor lists on one device.
+    """
+    seen = {id(p) for p in existing}
+    device = existing[0].device if existing else None
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise ArgumentTypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+        if id(p) in seen:
+            raise ValueError("some parameters appear in more than one parameter group")
+        if p.layout is not torch.strided:
+            raise ArgumentTypeError(
+                f"autolr_fused optimizers take dense (strided) parameters, got a {p.layout} parameter of shape "
+                f"{tuple(p.shape)}"
+            )
+        if p.is_complex():
+            raise ArgumentTypeError(
+                f"autolr_fused optimizers do not support complex parameters (got a {p.dtype} parameter of shape "
+                f"{tuple(p.shape)}); keep the parameter real with a trailing dimension of 2 and use "
+                "torch.view_as_complex(param) in the forward pass"
+            )
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(
+                f"all parameters of an autolr_fused optimizer must be on one device, got {device} and {p.device} "
+                "(use one optimizer per device)"
+            )
+
+
+def gradients_are_finite(param_groups: list[dict], local: Callable[[Tensor], Tensor] = lambda g: g) -> Tensor:
+    """A 0-dim bool device tensor: every gradient is free of inf and NaN (one fused max-abs pass over all).
+
+    ``local`` maps a gradient to the part this process holds (a DTensor's local shard).
+    """
+    grads = [local(p.grad) for group in param_groups for p in group["params"] if p.grad is not None]
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return torch.tensor(True)
+    # The max-abs norm of finite values is finite in their own dtype (a 2-norm could overflow), and
+    # inf/NaN anywhere make it inf/NaN. Mixed dtypes are compared in float64, which holds them all.
+    mixed = any(g.dtype != grads[0].dtype for g in grads)
+    norms = torch._foreach_norm(grads, float("inf"), dtype=torch.float64 if mixed else None)
+    return torch.stack(norms).isfinite().all()
+
+
+# Kinds of per-parameter state (check_state_dict): a tensor of the parameter's shape (momentum
+# buffer, previous direction, ...), a 1-element float tensor (a per-tensor lr or statistic), or a
+# Python int step count.
+PARAMETER_SHAPED = "parameter-shaped"
+SCALAR = "scalar"
+COUNT = "count"
+
+
+def check_state_dict(
+    state_dict: Any,
+    param_groups: list[dict],
+    *,
+    schema: dict[str, str],
+    bundles: tuple[tuple[str, ...], ...],
+    optional_group_keys: tuple[str, ...],
+    required_group_keys: tuple[str, ...],
+    owner: str,
+) -> None:
+    """Refuse, with a ValueError naming what is wrong, a state_dict that does not fit these param groups.
+
+    Checks the layout (``state`` and ``param_groups``), the number of groups and
+    of parameters per group, each group's hyperparameter keys and finite lr, the
+    parameter ids, and every per-parameter state entry against ``schema`` (key
+    -> kind; keys of one of ``bundles`` come together). Reads nothing but the
+    saved lrs back from a device.
+    """
+    hint = f"was it saved from this {owner} with the same parameters?"
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, dict):
+        raise ValueError("state_dict['param_groups'] must be a list of dicts and state_dict['state'] a dict")
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"state_dict has {len(saved_groups)} parameter group(s), this {owner} has {len(param_groups)}; {hint}"
+        )
+    params_of: dict[Any, torch.Tensor] = {}
+    required = set(required_group_keys) - set(optional_group_keys)
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"state_dict['param_groups'][{i}] must be a dict with a 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"state_dict's parameter group {i} has {len(saved['params'])} parameter(s), this {owner}'s has "
+                f"{len(group['params'])}; {hint}"
+            )
+        missing = sorted(required - set(saved))
+        if missing:
+            raise ValueError(f"state_dict's parameter group {i} lacks {missing}; was it saved from another optimizer?")
+        as_float(f"state_dict's parameter group {i} lr", saved["lr"])
+        for pid, p in zip(saved["params"], group["params"]):
+            if pid in params_of:
+                raise ValueError(f"state_dict lists parameter id {pid!r} more than once")
+            params_of[pid] = p
+    for pid, entry in saved_state.items():
+        if pid not in params_of:
+            raise ValueError(f"state_dict has state for parameter id {pid!r}, which no parameter group lists")
+        if not isinstance(entry, dict):
+            raise ValueError(f"state_dict['state'][{pid!r}] must be a dict, got {type(entry).__name__}")
+        p = params_of[pid]
+        unknown = sorted(set(entry) - set(schema), key=str)
+        if unknown:
+            raise ValueError(
+                f"state_dict's state of parameter {pid!r} has {unknown}, which a {owner} does not keep "
+                f"(it keeps {sorted(schema)}); was it saved from another optimizer?"
+            )
+        for bundle in bundles:
+            absent = sorted(set(bundle) - set(entry))
+            if absent and len(absent) != len(bundle):
+                raise ValueError(f"state_dict's state of parameter {pid!r} lacks {absent}, which come with the others")
+        for key, value in entry.items():
+            _check_state_value(pid, key, value, schema[key], p)
+
+
+def _check_state_value(pid: Any, key: str, value: Any, kind: str, p: torch.Tensor) -> None:
+    where = f"state_dict's state[{pid!r}][{key!r}]"
+    if kind == COUNT:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where} must be an int >= 0, got {value!r}")
+        return
+    if value is None and key == "momentum_buffer":  # torch.optim.SGD saved None before its first step
+        return
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"{where} must be a real floating-point tensor, got {_describe(value)}")
+    if kind == PARAMETER_SHAPED and value.shape != p.shape:
+        raise ValueError(f"{where} has shape {tuple(value.shape)}, its parameter has shape {tuple(p.shape)}")
+    if kind == SCALAR and value.numel() != 1:
+        raise ValueError(f"{where} must hold one number, got shape {tuple(value.shape)}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    return type(value).__name__
 
 
 def check_gradients(param_groups: list[dict]) -> None:

@@ -115,6 +115,7 @@ class Sharding:
             raise ValueError(f"params: this rank is not in the parameters' DeviceMesh {mesh}")
         # Statistics need summing only when some tensor is split over ranks.
         self.reduces = any(not pl.is_replicate() for p in dtensors for pl in p.placements)
+        self.device_type = mesh.device_type
         self.group = None
         if self.reduces:
             if mesh.ndim == 1:
@@ -158,6 +159,18 @@ class Sharding:
                         f"a parameter of shape {tuple(p.shape)} is {_layout(p)} but its gradient is {_layout(g)}; "
                         "the gradient must have the parameter's placements (redistribute it first)"
                     )
+
+    def all_ranks_finite(self, finite: Tensor) -> bool:
+        """``skip_nonfinite``'s answer over every rank, from this rank's 0-dim bool ``finite`` over its shards.
+
+        One all_reduce (MIN) of one number, so that all ranks skip a step together or
+        none does; without sharded tensors the local answer is everyone's.
+        """
+        if not self.reduces:
+            return bool(finite)
+        flag = finite.to(device=self.device_type, dtype=torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(flag)
 
     def sum_rows(self, rows: Tensor, params: Sequence[Tensor]) -> Tensor:
         """Per-shard statistic rows, an ``(n, k)`` tensor (row i: ``params[i]``), summed over the ranks.

@@ -322,7 +322,37 @@ def scenario_errors(workdir: Path) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "aalr": scenario_aalr, "errors": scenario_errors}
+SKIPPED_STEP = 3
+
+
+def scenario_skip_nonfinite(workdir: Path) -> dict[str, Any]:
+    """skip_nonfinite under FSDP2 with an inf in rank 1's shard only, at step SKIPPED_STEP.
+
+    Every rank must skip that step (rank 0's own shard is finite): otherwise the ranks' lrs and
+    parameters would part.
+    """
+    model = _fully_sharded()
+    optimizer = FusedTLR(list(model.parameters()), lr=0.1, momentum=0.8, skip_nonfinite=True)
+    average, step = _average_replicated_grads(model), [0]
+
+    def poison_one_shard() -> None:
+        average()
+        step[0] += 1
+        if step[0] == SKIPPED_STEP and dist.get_rank() == 1:
+            model.hidden.weight.grad.to_local()[0, 0] = float("inf")
+
+    out = train(model, optimizer, _my_rows(), poison_one_shard)
+    out["steps_taken"] = optimizer._controller["step"]
+    return out
+
+
+SCENARIOS = {
+    "ddp": scenario_ddp,
+    "fsdp2": scenario_fsdp2,
+    "aalr": scenario_aalr,
+    "errors": scenario_errors,
+    "skip_nonfinite": scenario_skip_nonfinite,
+}
 
 
 def main(rank: int, world_size: int, store_file: str, out_file: str) -> None:

@@ -43,32 +43,47 @@ KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
 DEVICE = {"reference": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# name -> constructor(params, backend); every method and mode, with options that exercise the kernels' branches.
+# name -> constructor(params, backend, **extra keywords such as skip_nonfinite); every method and mode, with options
+# that exercise the kernels' branches.
 CASES = {
-    "sgd": lambda p, b: FusedSGD(p, lr=0.1, backend=b),
-    "sgd_nesterov_wd": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=b),
-    "sgd_dampening_maximize": lambda p, b: FusedSGD(p, lr=0.05, momentum=0.8, dampening=0.3, maximize=True, backend=b),
-    "sgd_tensor_lr": lambda p, b: FusedSGD(p, lr=torch.tensor(0.05), momentum=0.5, backend=b),
-    "sgdl": lambda p, b: FusedSGDL(p, lr=0.3, total_steps=6, backend=b),
-    "autodrop": lambda p, b: FusedAutoDropSGD(
-        p, lr=0.1, steps_per_epoch=1, drop_delay=2, threshold=90.0, max_threshold=180.0, backend=b
+    "sgd": lambda p, b, **kw: FusedSGD(p, lr=0.1, backend=b, **kw),
+    "sgd_nesterov_wd": lambda p, b, **kw: FusedSGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=b, **kw
     ),
-    "autodrop_epochs": lambda p, b: FusedAutoDropSGD(
-        p, lr=0.1, weight_decay=1e-3, steps_per_epoch=2, drop_delay=1, threshold=90.0, max_threshold=180.0, backend=b
+    "sgd_dampening_maximize": lambda p, b, **kw: FusedSGD(
+        p, lr=0.05, momentum=0.8, dampening=0.3, maximize=True, backend=b, **kw
     ),
-    "tlr_step": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, weight_decay=5e-4, backend=b),
-    "tlr_step_layer": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, per_layer=True, backend=b),
-    "tlr_window": lambda p, b: FusedTLR(p, lr=0.05, momentum=0.8, steps_per_epoch=6, backend=b),
-    "tlr_window_layer": lambda p, b: FusedTLR(p, lr=0.05, per_layer=True, steps_per_epoch=3, backend=b),
-    "rdbd_sgd": lambda p, b: FusedRDBD(p, lr=0.02, meta_lr=1e-4, momentum=0.9, backend=b),
-    "rdbd_sgd_dbd_bounds": lambda p, b: FusedRDBD(
-        p, lr=0.02, meta_lr=0.05, regret=False, lr_bounds=(0.0, 0.03), backend=b
+    "sgd_tensor_lr": lambda p, b, **kw: FusedSGD(p, lr=torch.tensor(0.05), momentum=0.5, backend=b, **kw),
+    "sgdl": lambda p, b, **kw: FusedSGDL(p, lr=0.3, total_steps=6, backend=b, **kw),
+    "autodrop": lambda p, b, **kw: FusedAutoDropSGD(
+        p, lr=0.1, steps_per_epoch=1, drop_delay=2, threshold=90.0, max_threshold=180.0, backend=b, **kw
     ),
-    "rdbd_adam": lambda p, b: FusedRDBD(p, base="adam", lr=0.01, meta_lr=1e-6, betas=(0.05, 0.99), backend=b),
-    "rdbd_adamw": lambda p, b: FusedRDBD(
-        p, base="adam", lr=0.01, meta_lr=1e-6, weight_decay=0.1, decoupled_weight_decay=True, backend=b
+    "autodrop_epochs": lambda p, b, **kw: FusedAutoDropSGD(
+        p,
+        lr=0.1,
+        weight_decay=1e-3,
+        steps_per_epoch=2,
+        drop_delay=1,
+        threshold=90.0,
+        max_threshold=180.0,
+        backend=b,
+        **kw,
     ),
-    "sgdhd": lambda p, b: FusedSGDHD(p, lr=0.05, momentum=0.9, hypergrad_lr=1e-3, backend=b),
+    "tlr_step": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, weight_decay=5e-4, backend=b, **kw),
+    "tlr_step_layer": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, per_layer=True, backend=b, **kw),
+    "tlr_window": lambda p, b, **kw: FusedTLR(p, lr=0.05, momentum=0.8, steps_per_epoch=6, backend=b, **kw),
+    "tlr_window_layer": lambda p, b, **kw: FusedTLR(p, lr=0.05, per_layer=True, steps_per_epoch=3, backend=b, **kw),
+    "rdbd_sgd": lambda p, b, **kw: FusedRDBD(p, lr=0.02, meta_lr=1e-4, momentum=0.9, backend=b, **kw),
+    "rdbd_sgd_dbd_bounds": lambda p, b, **kw: FusedRDBD(
+        p, lr=0.02, meta_lr=0.05, regret=False, lr_bounds=(0.0, 0.03), backend=b, **kw
+    ),
+    "rdbd_adam": lambda p, b, **kw: FusedRDBD(
+        p, base="adam", lr=0.01, meta_lr=1e-6, betas=(0.05, 0.99), backend=b, **kw
+    ),
+    "rdbd_adamw": lambda p, b, **kw: FusedRDBD(
+        p, base="adam", lr=0.01, meta_lr=1e-6, weight_decay=0.1, decoupled_weight_decay=True, backend=b, **kw
+    ),
+    "sgdhd": lambda p, b, **kw: FusedSGDHD(p, lr=0.05, momentum=0.9, hypergrad_lr=1e-3, backend=b, **kw),
 }
 
 
@@ -113,28 +128,16 @@ def lrs_of(opt: torch.optim.Optimizer) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_float32_kernel_backend_matches_reference(case, backend):
-    device = DEVICE[backend]
-    ref_params, ref_lrs, _ = run(case, "reference", torch.float32, device)
-    params, lrs, opt = run(case, backend, torch.float32, device)
-    assert opt.backend == backend
+def assert_float32_close(params, lrs, ref_params, ref_lrs) -> None:
+    """A float32 kernel run against the reference backend's: the tolerances of the module docstring."""
     for i, (a, b) in enumerate(zip(params, ref_params)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
     torch.testing.assert_close(lrs, ref_lrs, rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtype):
-    device = DEVICE[backend]
-    exact, exact_lrs, _ = run(case, "reference", torch.float64, device)
-    ref_params, ref_lrs, _ = run(case, "reference", dtype, device)
-    params, lrs, _ = run(case, backend, dtype, device)
+def assert_low_precision_close(params, lrs, ref_params, ref_lrs, exact, exact_lrs, dtype: torch.dtype) -> None:
+    """A bf16/fp16 kernel run's error against the float64 run ``exact`` is at most twice the reference
+    backend's own error at ``dtype`` (plus one ulp): the module docstring's rule."""
     ulp = torch.finfo(dtype).eps
     for i, (x, r, e) in enumerate(zip(params, ref_params, exact)):
         if e.numel() == 0:
@@ -151,6 +154,29 @@ def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtyp
     assert math.isfinite(lr_err)
     if not math.isnan(ref_lr_err):
         assert lr_err <= 2 * ref_lr_err + 1e-6 * exact_lrs.abs().max().item()
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_kernel_backend_matches_reference(case, backend):
+    device = DEVICE[backend]
+    ref_params, ref_lrs, _ = run(case, "reference", torch.float32, device)
+    params, lrs, opt = run(case, backend, torch.float32, device)
+    assert opt.backend == backend
+    assert_float32_close(params, lrs, ref_params, ref_lrs)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtype):
+    device = DEVICE[backend]
+    exact, exact_lrs, _ = run(case, "reference", torch.float64, device)
+    ref_params, ref_lrs, _ = run(case, "reference", dtype, device)
+    params, lrs, _ = run(case, backend, dtype, device)
+    assert_low_precision_close(params, lrs, ref_params, ref_lrs, exact, exact_lrs, dtype)
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")

@@ -225,6 +225,13 @@ def test_aalr_ranks_with_different_losses_decide_alike_on_the_mean(ranks):
     assert rank0["decisions"] != decisions([a for a, _ in worker.AALR_LOSSES]), "rank 0 alone would differ"
 
 
+def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_an_inf(ranks):
+    rank0, rank1 = scenario(ranks, "skip_nonfinite")
+    assert rank0["steps_taken"] == rank1["steps_taken"] == worker.STEPS - 1, "one step, and only one, skipped"
+    assert_identical(rank0, rank1, "rank 0 against rank 1")
+    assert all(torch.isfinite(p).all() for p in rank0["params"].values())
+
+
 # -------------------------------------------------------------------------------------- layouts refused
 def test_unsupported_dtensor_layouts_raise_value_errors_naming_the_problem(ranks):
     for records in scenario(ranks, "errors"):

@@ -39,6 +39,15 @@ _DTYPE = operator.attrgetter("dtype")
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 
 
+def _momentum_vanishes(cfg: SGDConfig) -> bool:
+    """A momentum that is not 0 but rounds to 0 in float32, the kernels' precision (at most 2**-150).
+
+    The kernels would take the no-momentum branch (d = r), where torch.optim.SGD keeps a buffer and
+    applies (1 - dampening); such a call runs on the reference code instead.
+    """
+    return 0 < cfg.momentum <= 2.0**-150
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the extension has kernels for ``device_type`` ("cpu" or "cuda")."""
     if not LOADED:
@@ -102,7 +111,7 @@ def sgd_step(
     boundary: Boundary | None = None,
     grad_scale: Tensor | None = None,
 ) -> Tensor | None:
-    if not _kernels_take(params):
+    if not _kernels_take(params) or _momentum_vanishes(cfg):
         return reference.sgd_step(
             params,
             grads,
@@ -154,7 +163,7 @@ def sgd_reduce(
     of: str = REGULARIZED,
     grad_scale: Tensor | None = None,
 ) -> Tensor:
-    if not _kernels_take(params):
+    if not _kernels_take(params) or _momentum_vanishes(cfg):
         return reference.sgd_reduce(
             params, grads, buffers, prevs, cfg, first_step=first_step, of=of, grad_scale=grad_scale
         )

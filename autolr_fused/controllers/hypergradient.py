@@ -6,7 +6,8 @@ previous step's update direction, summed over every tensor:
 
     lr += hypergrad_lr * <r_t, d_{t-1}>
 
-before this step's update. A non-finite inner product leaves the lr unchanged.
+before this step's update. A non-finite inner product leaves the lr unchanged,
+and so does a finite one that would make the lr overflow.
 """
 
 from __future__ import annotations
@@ -17,4 +18,5 @@ from torch import Tensor
 
 def update(lr: Tensor, h: Tensor, hypergrad_lr: float) -> Tensor:
     """The new lr (float32 tensor) from the old one and the inner product ``h``."""
-    return torch.where(torch.isfinite(h), lr + hypergrad_lr * h, lr)
+    new = lr + hypergrad_lr * h  # inf or NaN exactly when h is not finite or the sum overflows
+    return torch.where(torch.isfinite(new), new, lr)

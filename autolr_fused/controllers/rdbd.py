@@ -11,7 +11,9 @@ Per tensor, at step t, with ``d_t`` the base optimizer's update direction:
     p -= lr * d_t
 
 A non-finite h_t leaves the lr unchanged (delta_t = 0), regrets nothing, and is
-remembered as h_t = 0 so that it cannot trigger a regret at the next step.
+remembered as h_t = 0 so that it cannot trigger a regret at the next step. A
+finite h_t whose update would overflow the lr leaves it unchanged too (after
+the regret, which is finite).
 All quantities are float32 tensors with one entry per tensor; nothing here
 touches parameter memory.
 """
@@ -52,5 +54,5 @@ def update(
     new = lr + meta_lr * h
     if low is not None or high is not None:
         new = new.clamp(min=low, max=high)
-    new = torch.where(finite, new, lr)
+    new = torch.where(finite & torch.isfinite(new), new, lr)
     return RDBDUpdate(regret_delta=regret_delta, lr=new, delta=new - lr, h=h)

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from autolr_fused._validation import ArgumentTypeError, as_float, check_int, check_range
+from autolr_fused._validation import ArgumentTypeError, check_int, check_range
 
 
 class AALRDecision(NamedTuple):
@@ -211,11 +211,23 @@ class AALR:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state from :meth:`state_dict`; a malformed one raises ValueError and changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise ArgumentTypeError(f"state_dict must be a dict (AALR.state_dict()), got {type(state_dict).__name__}")
         missing = [k for k in (*self._FIELDS, "initial_checkpoint", "checkpoint") if k not in state_dict]
         if missing:
             raise ValueError(f"not an AALR state_dict: missing {missing}")
+        check_range("lr", state_dict["lr"], 0.0)
+        check_int("patience", state_dict["patience"], 1)
+        if state_dict["phase"] not in (1, 2):
+            raise ValueError(f"AALR state_dict has phase={state_dict['phase']!r}, expected 1 or 2")
+        for name in ("initial_checkpoint", "checkpoint"):
+            checkpoint = state_dict[name]
+            if not (checkpoint is None and name == "checkpoint") and not (
+                isinstance(checkpoint, dict) and {"model", "optimizer"} <= set(checkpoint)
+            ):
+                raise ValueError(f"AALR state_dict's {name} must be a dict with 'model' and 'optimizer'")
         for k in self._FIELDS:
             setattr(self, k, state_dict[k])
         self._initial_checkpoint = copy.deepcopy(state_dict["initial_checkpoint"])
         self._checkpoint = copy.deepcopy(state_dict["checkpoint"])
-        as_float("lr", self.lr)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import check_int, check_range
+from autolr_fused._validation import PARAMETER_SHAPED, check_int, check_range
 from autolr_fused.backends.primitives import Boundary, lr_vector
 from autolr_fused.controllers import autodrop
 from autolr_fused.directions import SGDConfig
@@ -37,6 +37,13 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
     the epoch end reads three numbers back from the device (one synchronisation
     per epoch, none in other steps).
 
+    Non-finite gradients: an angle that is not finite never triggers a drop
+    (the lr stays), and the epoch end that meets one emits one RuntimeWarning.
+    ``skip_nonfinite=True`` skips every step whose gradients hold inf or NaN
+    (nothing changes, the epoch's step count included, as a step GradScaler
+    skips), at the cost of one fused pass over the gradients and one
+    device-to-host read per step.
+
     Extra memory per parameter: the snapshot x_{e-1} and the previous
     displacement s_{e-1} (2 x parameter size, parameter dtype), plus a float32
     average while a drop is pending; and the momentum buffer.
@@ -53,6 +60,12 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
     )
 
     _float32_state_keys = ("average",)
+    _state_schema = {
+        **SGDDirectionOptimizer._state_schema,
+        "snapshot": PARAMETER_SHAPED,
+        "prev_displacement": PARAMETER_SHAPED,
+        "average": PARAMETER_SHAPED,
+    }
 
     def __init__(
         self,
@@ -75,6 +88,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         if steps_per_epoch is None:
             raise TypeError(
@@ -92,7 +106,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
             drop_delay=drop_delay,
             angle_window=angle_window,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, skip_nonfinite=skip_nonfinite)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -174,6 +188,8 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         config, c = self.defaults, self._controller
         params = self._all_params()
         dot, sq_norm, sq_norm_prev = (0.0, 0.0, 0.0) if stats is None else stats.sum(0).tolist()  # the one sync
+        # A non-finite angle never saturates (comparisons with NaN are False), so the lr stays; say so once.
+        self._warn_nonfinite(seen=not all(map(math.isfinite, (dot, sq_norm, sq_norm_prev))))
         decision = autodrop.end_epoch(
             c,
             dot,

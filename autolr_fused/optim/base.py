@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import check_gradients
+from autolr_fused._validation import (
+    ArgumentTypeError,
+    check_bool,
+    check_gradients,
+    check_parameters,
+    check_state_dict,
+    gradients_are_finite,
+)
 from autolr_fused.backends import resolve_backend
-from autolr_fused.distributed import LocalShardOps, Sharding, is_dtensor
+from autolr_fused.distributed import LocalShardOps, Sharding, is_dtensor, local
 
 
 def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
@@ -37,6 +45,19 @@ class AutoLROptimizer(torch.optim.Optimizer):
       parameter dtype (learning rates and statistics).
     * ``_lr_on_device``: the group lr is adapted on the device, so it is kept as
       a 0-dim float32 tensor on the parameters' device.
+    * ``_state_schema``: every per-parameter state key the optimizer may keep and
+      its kind (see ``autolr_fused._validation.check_state_dict``), and
+      ``_state_bundles`` the keys that exist together; load_state_dict refuses
+      anything else.
+    * ``_optional_group_keys``: hyperparameters a saved param group may lack
+      (``__setstate__`` fills them, as torch does for old state_dicts).
+
+    Non-finite statistics: the controllers never let one reach a learning rate
+    (the lr stays); the step records on the device that it happened (no host
+    read), and the first call that synchronises anyway (``stats()``,
+    ``state_dict()``, AutoDrop's epoch end) emits one ``RuntimeWarning``.
+    ``skip_nonfinite=True`` instead skips every step whose gradients are not
+    all finite, as GradScaler does.
     """
 
     # GradScaler hands this optimizer its scale and inf flag (``grad_scale``/``found_inf``
@@ -45,10 +66,24 @@ class AutoLROptimizer(torch.optim.Optimizer):
     _global_keys: tuple[str, ...] = ()
     _float32_state_keys: tuple[str, ...] = ()
     _lr_on_device: bool = False
+    _state_schema: dict[str, str] = {}
+    _state_bundles: tuple[tuple[str, ...], ...] = ()
+    _optional_group_keys: tuple[str, ...] = ()
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str = "auto") -> None:
+    def __init__(
+        self, params: Iterable, defaults: dict[str, Any], backend: str = "auto", *, skip_nonfinite: bool = False
+    ) -> None:
+        if isinstance(params, (set, frozenset)) or not isinstance(params, Iterable) or isinstance(params, Tensor):
+            kind = "a set (its order is not reproducible)" if isinstance(params, (set, frozenset)) else None
+            raise ArgumentTypeError(
+                "params must be an ordered iterable (list, tuple, generator) of Tensors or of param-group dicts, "
+                f"got {kind or type(params).__name__}"
+            )
         self._sharding: Sharding | None = None  # set by add_param_group when a parameter is a DTensor
         self._use_backend(*resolve_backend(backend))
+        # A setting of this optimizer object, like ``backend``: not a hyperparameter of a group (FusedSGD's
+        # param_groups stay torch.optim.SGD's) and not in state_dict (load_state_dict keeps it).
+        self.skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
         self._check_group(dict(defaults))
         # Host-side controller state: plain Python numbers, saved in state_dict.
         self._controller: dict[str, Any] = self._initial_controller_state(defaults)
@@ -56,6 +91,10 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self._statistics: dict[str, Tensor] = {}
         self._grad_scale: Tensor | None = None  # GradScaler's scale during a step, else None
         self._flat_cache: tuple[tuple[int, ...], dict[str, Tensor]] | None = None  # see _flat_state
+        # A 0-dim bool device tensor: a statistic that was not finite has been kept from an lr since the
+        # last warning check (see _note_nonfinite); None until a step records one.
+        self._nonfinite_seen: Tensor | None = None
+        self._nonfinite_warned = False
         super().__init__(params, defaults)
         if backend == "auto":  # now that the parameters' device is known
             self._use_backend(*resolve_backend(backend, self._device()))
@@ -75,12 +114,15 @@ class AutoLROptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        if isinstance(params, set):
+        if "params" not in param_group:
+            raise ValueError("a param group must have a 'params' entry (the tensors it holds)")
+        params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters need to be organized in ordered collections, not a set")
         params = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears more than once in a parameter group")
+        check_parameters(params, self._all_params() if hasattr(self, "param_groups") else [])
         full = {**self.defaults, **param_group, "params": params}
         for key in self._global_keys:
             if key in param_group and param_group[key] != self.defaults[key]:
@@ -171,6 +213,9 @@ class AutoLROptimizer(torch.optim.Optimizer):
         # flag is read here: the one synchronisation of a step under a GradScaler.
         if found_inf is not None and bool(found_inf.item()):
             return loss
+        # skip_nonfinite: the same contract without a GradScaler (whose flag already answers when there is one).
+        if found_inf is None and self.skip_nonfinite and not self._gradients_are_finite():
+            return loss
         grad_scale = getattr(self, "grad_scale", None)
         self._grad_scale = None if grad_scale is None else grad_scale.to(torch.float32).reshape(1)
         try:
@@ -178,6 +223,12 @@ class AutoLROptimizer(torch.optim.Optimizer):
         finally:
             self._grad_scale = None
         return loss
+
+    def _gradients_are_finite(self) -> bool:
+        """skip_nonfinite's test (one host read); with sharded parameters every rank decides alike."""
+        if self._sharding is None:
+            return bool(gradients_are_finite(self.param_groups))
+        return self._sharding.all_ranks_finite(gradients_are_finite(self.param_groups, local))
 
     def _step(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -195,8 +246,46 @@ class AutoLROptimizer(torch.optim.Optimizer):
             return rows
         return self._sharding.sum_rows(rows, list(itertools.chain.from_iterable(param_lists)))
 
+    # ------------------------------------------------------ non-finite statistics
+    def _note_nonfinite(self, statistics: Tensor) -> None:
+        """Record on the device, without reading anything back, whether ``statistics`` holds inf or NaN.
+
+        The caller's controller keeps such statistics from the lrs; this only
+        remembers that it happened, for the one warning.
+        """
+        if self._nonfinite_warned:  # warned already: nothing left to record
+            return
+        bad = torch.isfinite(statistics).all().logical_not()
+        if self._nonfinite_seen is None:
+            self._nonfinite_seen = bad
+        else:
+            self._nonfinite_seen.logical_or_(bad)
+
+    def _warn_nonfinite(self, seen: bool = False) -> None:
+        """Emit the one RuntimeWarning if a non-finite statistic was met (``seen``, or the device flag).
+
+        Called only where the optimizer synchronises anyway, since reading the flag does.
+        """
+        if self._nonfinite_warned:
+            return
+        if not seen and self._nonfinite_seen is not None:
+            seen = bool(self._nonfinite_seen)
+        if seen:
+            self._nonfinite_warned = True
+            self._nonfinite_seen = None
+            warnings.warn(
+                f"{type(self).__name__}: some step statistics were not finite (inf/NaN gradients or parameters, "
+                "an overflow, or in FusedTLR's window mode an lr of 0); they were kept from the learning rate, "
+                "which stayed unchanged there (the parameters follow torch.optim.SGD and may not be finite). "
+                "Pass skip_nonfinite=True to skip steps with inf/NaN gradients, or use torch.amp.GradScaler. "
+                "This warning is emitted once per optimizer.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
+        self._warn_nonfinite()
         sd = super().state_dict()
         for group in sd["param_groups"]:
             if isinstance(group.get("lr"), Tensor):
@@ -208,8 +297,28 @@ class AutoLROptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        """Load a state_dict from ``state_dict()`` (or torch.optim.SGD's, for FusedSGD).
+
+        Everything is checked before anything changes: the number of groups and of
+        parameters per group, the hyperparameters (present and valid), that the
+        controller state and every per-parameter state key belong to this
+        optimizer class, and the shape and dtype of every state tensor. A mismatch
+        raises ValueError and leaves the optimizer as it was. ``skip_nonfinite``
+        and ``backend`` are settings of this object and stay as constructed.
+        """
+        check_state_dict(
+            state_dict,
+            self.param_groups,
+            schema=self._state_schema,
+            bundles=self._state_bundles,
+            optional_group_keys=self._optional_group_keys,
+            required_group_keys=tuple(self.defaults),
+            owner=type(self).__name__,
+        )
+        for saved in state_dict["param_groups"]:
+            # Adapted lrs may be any finite number (hypergradient descent can take one below 0): the check
+            # above read them as finite; the rest of the group must pass the constructor's checks.
+            self._check_group({**self.defaults, **saved, "lr": 0.0})
         expected = self._initial_controller_state(self.defaults)
         saved_controller = state_dict.get("controller", {} if not expected else None)
         if saved_controller is None:
@@ -259,7 +368,9 @@ class AutoLROptimizer(torch.optim.Optimizer):
         tensor's position in the optimizer's parameter order (groups in order: the
         keys of ``state_dict()["state"]``). The per-tensor values come from what the
         steps keep anyway, so asking for them costs nothing until ``stats`` is called.
+        Emits the one RuntimeWarning if a step met non-finite statistics since.
         """
+        self._warn_nonfinite()
         out = self._summary_stats()
         if per_tensor:
             out.update(self._per_tensor_stats())

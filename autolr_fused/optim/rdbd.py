@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import ArgumentTypeError, as_float, check_bool, check_range, check_sgd_arguments
+from autolr_fused._validation import (
+    COUNT,
+    PARAMETER_SHAPED,
+    SCALAR,
+    ArgumentTypeError,
+    as_float,
+    check_bool,
+    check_range,
+    check_sgd_arguments,
+)
 from autolr_fused.backends.primitives import DIRECTION
 from autolr_fused.controllers import rdbd
 from autolr_fused.directions import AdamConfig, SGDConfig
@@ -36,6 +45,12 @@ class FusedRDBD(AutoLROptimizer):
     Defaults: ``lr=0.005`` (alpha_0), ``meta_lr=0.01`` (eta), as in the paper's
     SGD runs; its Adam runs use ``betas=(0.05, 0.99)`` and ``meta_lr=5e-7``.
 
+    Non-finite gradients: a statistic that is not finite never reaches an lr
+    (the lr stays for that update) and the first ``stats()`` or ``state_dict()``
+    after it emits one RuntimeWarning. ``skip_nonfinite=True`` skips such steps
+    entirely (nothing changes, as a step GradScaler skips), at the cost of one
+    fused pass over the gradients and one device-to-host read per step.
+
     Extra memory per parameter: the previous direction (1 x parameter size),
     plus the momentum buffer (SGD with momentum) or the two moments (Adam);
     and per tensor three float32 scalars (its lr, the last h and the last lr
@@ -44,6 +59,17 @@ class FusedRDBD(AutoLROptimizer):
 
     _global_keys = ("base",)
     _float32_state_keys = ("lr", "prev_h", "prev_delta")
+    _state_schema = {
+        "lr": SCALAR,
+        "prev_h": SCALAR,
+        "prev_delta": SCALAR,
+        "prev_direction": PARAMETER_SHAPED,
+        "momentum_buffer": PARAMETER_SHAPED,  # base="sgd"
+        "exp_avg": PARAMETER_SHAPED,  # base="adam"
+        "exp_avg_sq": PARAMETER_SHAPED,
+        "step": COUNT,
+    }
+    _state_bundles = (("lr", "prev_h", "prev_delta"), ("exp_avg", "exp_avg_sq", "step"))
 
     def __init__(
         self,
@@ -63,6 +89,7 @@ class FusedRDBD(AutoLROptimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -79,7 +106,7 @@ class FusedRDBD(AutoLROptimizer):
             lr_bounds=lr_bounds,
             maximize=maximize,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, skip_nonfinite=skip_nonfinite)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_sgd_arguments(group)  # lr, momentum, dampening, weight_decay, nesterov, maximize
@@ -157,6 +184,7 @@ class FusedRDBD(AutoLROptimizer):
         h_all = self._global_rows(torch.cat(rows), [params])[:, 0]
         flat = self._flat_state(params, ("lr", "prev_h", "prev_delta"))
         prev_h, prev_delta, old_lr = flat["prev_h"], flat["prev_delta"], flat["lr"]
+        self._note_nonfinite(h_all)
         updates, start = [], 0
         for group, unit, _ in work:
             end = start + len(unit.params)

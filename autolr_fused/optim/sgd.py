@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import check_sgd_arguments
+from autolr_fused._validation import PARAMETER_SHAPED, check_sgd_arguments
 from autolr_fused.backends.primitives import REGULARIZED, lr_vector
 from autolr_fused.directions import SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer
@@ -84,6 +84,10 @@ def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: li
 
 class SGDDirectionOptimizer(AutoLROptimizer):
     """Base of the optimizers whose update direction is torch.optim.SGD's."""
+
+    _state_schema = {"momentum_buffer": PARAMETER_SHAPED}
+    # torch.optim.SGD's __setstate__ fills these in param groups saved by older torch versions, and so does ours.
+    _optional_group_keys = ("nesterov", "maximize", "foreach", "differentiable", "fused")
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_sgd_arguments(group)
@@ -172,6 +176,12 @@ class FusedSGD(SGDDirectionOptimizer):
     decides how the step runs); ``differentiable=True`` is refused. Unlike
     torch.optim.SGD, ``momentum`` must lie in [0, 1).
 
+    ``skip_nonfinite=True`` skips every step whose gradients hold inf or NaN: it
+    changes nothing then (parameters, buffers, statistics, lrs, counters), as a
+    step GradScaler skips; checking costs one fused pass over the gradients and
+    one device-to-host read per step. Without it such a step runs as
+    torch.optim.SGD's would (the parameters may become inf/NaN).
+
     Extra memory per parameter: one momentum buffer when ``momentum != 0``.
     """
 
@@ -189,11 +199,12 @@ class FusedSGD(SGDDirectionOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = sgd_defaults(
             lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, skip_nonfinite=skip_nonfinite)
 
     def _step(self) -> None:
         for group in self.param_groups:

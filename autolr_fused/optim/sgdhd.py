@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from autolr_fused._validation import check_range
+from autolr_fused._validation import PARAMETER_SHAPED, check_range
 from autolr_fused.backends.primitives import DIRECTION
 from autolr_fused.controllers import hypergradient
 from autolr_fused.optim.sgd import SGDDirectionOptimizer, sgd_defaults
@@ -25,11 +25,18 @@ class FusedSGDHD(SGDDirectionOptimizer):
 
     Defaults: torch.optim.SGD's, and ``hypergrad_lr=1e-6`` (beta).
 
+    Non-finite gradients: a statistic that is not finite never reaches an lr
+    (the lr stays for that update) and the first ``stats()`` or ``state_dict()``
+    after it emits one RuntimeWarning. ``skip_nonfinite=True`` skips such steps
+    entirely (nothing changes, as a step GradScaler skips), at the cost of one
+    fused pass over the gradients and one device-to-host read per step.
+
     Extra memory per parameter: the previous update direction (1 x parameter
     size), plus the momentum buffer.
     """
 
     _lr_on_device = True
+    _state_schema = {**SGDDirectionOptimizer._state_schema, "prev_direction": PARAMETER_SHAPED}
 
     def __init__(
         self,
@@ -46,12 +53,13 @@ class FusedSGDHD(SGDDirectionOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = sgd_defaults(
             lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
         )
         defaults["hypergrad_lr"] = hypergrad_lr
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, skip_nonfinite=skip_nonfinite)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -66,6 +74,7 @@ class FusedSGDHD(SGDDirectionOptimizer):
             return
         if self._controller["step"] >= 1:  # t >= 2: <r_t, d_{t-1}> (0 for a tensor without d_{t-1})
             h = self._reduce_against_prev(work)[:, 0].sum()
+            self._note_nonfinite(h)
             for group in self.param_groups:
                 lr = self._lr_tensor(group)
                 lr.copy_(hypergradient.update(lr, h.to(lr.device), float(group["hypergrad_lr"])))

@@ -26,6 +26,7 @@ class FusedSGDL(FusedSGD):
     every group's lr is multiplied by ``gamma``, once per milestone, at the end
     of that step. ``total_steps=None`` disables the anneal. The anneal composes
     with torch LR schedulers (it multiplies whatever lr the group has then).
+    ``skip_nonfinite`` is as :class:`FusedSGD`'s (a skipped step is not counted).
 
     Extra memory per parameter: none (one momentum buffer if momentum is set).
     """
@@ -47,6 +48,7 @@ class FusedSGDL(FusedSGD):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         if total_steps is not None:
             check_int("total_steps", total_steps, 1)
@@ -69,6 +71,7 @@ class FusedSGDL(FusedSGD):
             differentiable=differentiable,
             fused=fused,
             backend=backend,
+            skip_nonfinite=skip_nonfinite,
         )
 
     def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autolr_fused._validation import check_bool, check_int, check_range
+from autolr_fused._validation import PARAMETER_SHAPED, SCALAR, check_bool, check_int, check_range
 from autolr_fused.backends.primitives import REGULARIZED, Boundary
 from autolr_fused.controllers import tlr
 from autolr_fused.directions import SGDConfig
@@ -38,6 +38,12 @@ class FusedTLR(SGDDirectionOptimizer):
     arguments keep torch.optim.SGD's defaults (the paper's runs use momentum 0.8
     and weight decay 5e-4).
 
+    Non-finite gradients: a statistic that is not finite never reaches an lr
+    (the lr stays for that update) and the first ``stats()`` or ``state_dict()``
+    after it emits one RuntimeWarning. ``skip_nonfinite=True`` skips such steps
+    entirely (nothing changes, as a step GradScaler skips), at the cost of one
+    fused pass over the gradients and one device-to-host read per step.
+
     Extra memory per parameter: step mode, the previous regularized gradient
     (1 x parameter size); window mode, the window snapshot and the previous
     scaled displacement (2 x); plus the momentum buffer. ``per_layer=True``
@@ -46,6 +52,13 @@ class FusedTLR(SGDDirectionOptimizer):
 
     _global_keys = ("per_layer", "bound", "steps_per_epoch", "update_fraction")
     _float32_state_keys = ("lr",)
+    _state_schema = {
+        **SGDDirectionOptimizer._state_schema,
+        "prev_grad": PARAMETER_SHAPED,  # step mode
+        "snapshot": PARAMETER_SHAPED,  # window mode
+        "prev_update": PARAMETER_SHAPED,  # window mode
+        "lr": SCALAR,  # per layer
+    }
 
     def __init__(
         self,
@@ -65,6 +78,7 @@ class FusedTLR(SGDDirectionOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = sgd_defaults(
             lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused
@@ -72,7 +86,7 @@ class FusedTLR(SGDDirectionOptimizer):
         defaults.update(
             per_layer=per_layer, bound=bound, steps_per_epoch=steps_per_epoch, update_fraction=update_fraction
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, skip_nonfinite=skip_nonfinite)
 
     @property
     def _lr_on_device(self) -> bool:  # type: ignore[override]
@@ -115,19 +129,22 @@ class FusedTLR(SGDDirectionOptimizer):
     def _apply_factor(self, stats: Tensor, params: list[Tensor]) -> None:
         """Multiply the lrs by the change factor of ``stats`` rows ``(h, q)``, one row per tensor of ``params``."""
         bound = self.defaults["bound"]
+        self._note_nonfinite(stats)
         if self.defaults["per_layer"]:
             factor = tlr.change_factor(stats[:, 0], stats[:, 1], bound)
             flat, positions = self._layer_lrs(params)
             start = positions[0]
             if positions == list(range(start, start + len(positions))):
-                flat[start : start + len(positions)].mul_(factor)
+                lrs = flat[start : start + len(positions)]
+                lrs.copy_(tlr.scale_lr(lrs, factor))
             else:
                 index = torch.tensor(positions, device=flat.device)
-                flat.index_copy_(0, index, flat[index] * factor)
+                flat.index_copy_(0, index, tlr.scale_lr(flat[index], factor))
         else:
             factor = tlr.change_factor(stats[:, 0].sum(), stats[:, 1].sum(), bound)
             for group in self.param_groups:
-                self._lr_tensor(group).mul_(factor)
+                lr = self._lr_tensor(group)
+                lr.copy_(tlr.scale_lr(lr, factor))
         self._statistics["factor"] = factor
 
     # --------------------------------------------------------------------- step
