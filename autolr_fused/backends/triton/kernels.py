@@ -73,8 +73,7 @@ FIRST_STEP = tl.constexpr(1 << 14)
 NESTEROV = tl.constexpr(1 << 15)
 GRAD_SCALE = tl.constexpr(1 << 16)
 ALIGNED = tl.constexpr(1 << 17)  # every data pointer is 16-byte aligned (vector loads)
-# How a per-tensor scalar (lr, regret, the boundary scale) is given: the *_MODE constexprs.
-ABSENT, SHARED, PER_TENSOR = 0, 1, 2
+# How a per-tensor scalar (lr, regret, the boundary scale) is given is its *_MODE constexpr: see per_tensor_scalar.
 
 # Launch arguments that change with the tensors: not specialised on, so that a new tensor count compiles nothing.
 COUNTS = ("n_tensors", "n_blocks", "partial_base")
