@@ -1,8 +1,8 @@
 """Every kernel backend x every optimizer x every dtype against the reference backend.
 
 One table of optimizer cases (``CASES``) runs across the available kernel
-backends (``cpu``; ``triton`` under ``TRITON_INTERPRET=1`` or on a GPU; ``cuda``
-on a GPU) and the parameter dtypes. Each case trains the same parameters with
+backends (``cpu``; ``triton`` under ``TRITON_INTERPRET=1``, marked slow, or on a
+GPU; ``cuda`` on a GPU) and the parameter dtypes. Each case trains the same parameters with
 the same gradient sequence on the reference backend and on the kernel backend.
 
 Tolerances:
@@ -41,6 +41,11 @@ from autolr_fused import (
 STEPS = 8
 KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
 DEVICE = {"reference": "cpu", "cpu": "cpu", "cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+# Interpreted Triton (CPU tensors) runs every kernel as Python, minutes for this file's sizes: its rows are slow
+# here, and tests/test_backend_triton.py covers the backend at small sizes in CI.
+KERNEL_BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.slow) if b == "triton" and DEVICE[b] == "cpu" else b for b in KERNEL_BACKENDS
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # name -> constructor(params, backend, **extra keywords such as skip_nonfinite); every method and mode, with options
@@ -157,7 +162,7 @@ def assert_low_precision_close(params, lrs, ref_params, ref_lrs, exact, exact_lr
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_float32_kernel_backend_matches_reference(case, backend):
     device = DEVICE[backend]
@@ -168,7 +173,7 @@ def test_float32_kernel_backend_matches_reference(case, backend):
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtype):
@@ -180,7 +185,7 @@ def test_low_precision_error_is_at_most_twice_the_references(case, backend, dtyp
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_backend_is_bit_identical_from_run_to_run(case, backend):
     device = DEVICE[backend]
@@ -211,7 +216,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop"])
 def test_hundreds_of_tensors_and_a_large_one(case, backend):
     """150 tensors (past a launch's metadata capacity) and one of 278011 elements (tail paths)."""
@@ -237,7 +242,7 @@ def test_hundreds_of_tensors_and_a_large_one(case, backend):
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 def test_gradients_with_other_strides_than_their_parameters(backend):
     """A contiguous gradient of a channels_last parameter is read in the parameter's order."""
     device = DEVICE[backend]
@@ -253,7 +258,7 @@ def test_gradients_with_other_strides_than_their_parameters(backend):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKEND_PARAMS])
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step", "rdbd_adam", "autodrop", "sgdhd"])
 def test_grad_scaler_step_with_inf_changes_nothing_and_finite_steps_unscale(case, backend):
     device = DEVICE[backend]
@@ -305,7 +310,7 @@ def test_the_cpu_extension_was_built():
     assert "cpu" in available_backends()
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop_epochs"])
 def test_float64_parameters_run_on_the_reference_code_under_a_kernel_backend(case, backend):
     """The kernels take float32/bf16/fp16; float64 steps equal the reference backend's exactly."""
@@ -316,7 +321,7 @@ def test_float64_parameters_run_on_the_reference_code_under_a_kernel_backend(cas
     assert torch.equal(lrs, ref_lrs)
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKEND_PARAMS])
 def test_per_layer_tlr_takes_a_tensor_whose_first_gradient_comes_late(backend):
     device = DEVICE[backend]
     params = [nn.Parameter(torch.randn(5, device=device)) for _ in range(3)]

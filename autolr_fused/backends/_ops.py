@@ -1,16 +1,20 @@
-"""The compiled extension's fused ops (``torch.ops.autolr_fused``), shared by the cpu and cuda backends.
+"""The fused ops' Python side, shared by the cpu, cuda and triton backends.
 
-``csrc/bindings.cpp`` declares the op schemas once; ``csrc/cpu`` and ``csrc/cuda``
-register their implementations under the same names. This module loads the
-extension, registers fake kernels so that ``torch.compile`` traces the ops
-(their outputs' shapes are known from the inputs), and turns the primitives'
-Python arguments (``primitives.py``) into the ops' flat arguments.
+``csrc/bindings.cpp`` declares the op schemas once (``torch.ops.autolr_fused``);
+``csrc/cpu`` and ``csrc/cuda`` register their implementations under the same
+names, and the triton backend registers the same schemas under
+``torch.ops.autolr_fused_triton``. This module loads the extension, registers
+fake kernels for a namespace so that ``torch.compile`` traces its ops (their
+outputs' shapes are known from the inputs), and turns the primitives' Python
+arguments (``primitives.py``) into the ops' flat arguments: every wrapper takes
+``ops=``, the namespace to call (the extension's by default).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,8 +35,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernels_take(params: Sequence[Tensor]) -> bool:
-    """The kernels take float32, bfloat16 and float16; a call with other dtypes (float64) runs on reference."""
-    return set(map(_DTYPE, params)) <= _KERNEL_DTYPE_SET
+    """The kernels take float32, bfloat16 and float16; a call with other dtypes (float64) runs on reference.
+
+    So does a call without tensors: the dispatcher has no device to choose a kernel by.
+    """
+    return bool(params) and set(map(_DTYPE, params)) <= _KERNEL_DTYPE_SET
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -56,37 +63,46 @@ def has_kernel(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("autolr_fused::sgd_step", key)
 
 
-if LOADED:
+def _stats_like(params: Sequence[Tensor], columns: int) -> Tensor:
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((len(params), columns), dtype=torch.float32, device=device)
 
-    def _stats_like(params: Sequence[Tensor], columns: int) -> Tensor:
-        device = params[0].device if params else torch.device("cpu")
-        return torch.empty((len(params), columns), dtype=torch.float32, device=device)
 
-    @torch.library.register_fake("autolr_fused::sgd_step")
+def register_fakes(namespace: str, lib: torch.library.Library | None = None) -> None:
+    """Fake kernels for the five ops of ``namespace`` (their outputs' shapes follow from the inputs)."""
+
+    @torch.library.register_fake(f"{namespace}::sgd_step", lib=lib)
     def _(params, grads, buffers, lr, lr_value, momentum, dampening, weight_decay, nesterov, maximize,
           first_step, prevs, store, regret, snapshots, prev_displacements, scale, accumulators,
           accumulate_weight, grad_scale):  # fmt: skip
         return _stats_like(params, 3) if snapshots else _stats_like([], 3)
 
-    @torch.library.register_fake("autolr_fused::sgd_reduce")
+    @torch.library.register_fake(f"{namespace}::sgd_reduce", lib=lib)
     def _(params, grads, buffers, prevs, momentum, dampening, weight_decay, nesterov, maximize, first_step,
           of_direction, grad_scale):  # fmt: skip
         return _stats_like(params, 2)
 
-    @torch.library.register_fake("autolr_fused::boundary_pass")
+    @torch.library.register_fake(f"{namespace}::boundary_pass", lib=lib)
     def _(params, snapshots, prev_displacements, scale, accumulators, accumulate_weight):
         return _stats_like(params, 3)
 
-    @torch.library.register_fake("autolr_fused::adam_step")
+    @torch.library.register_fake(f"{namespace}::adam_step", lib=lib)
     def _(params, grads, exp_avgs, exp_avg_sqs, lr, lr_value, beta1, beta2, eps, weight_decay,
           decoupled_weight_decay, maximize, bias_correction1, bias_correction2_sqrt, prevs, regret,
           grad_scale):  # fmt: skip
         return None
 
-    @torch.library.register_fake("autolr_fused::adam_reduce")
+    @torch.library.register_fake(f"{namespace}::adam_reduce", lib=lib)
     def _(params, grads, exp_avgs, exp_avg_sqs, prevs, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
           maximize, bias_correction1, bias_correction2_sqrt, grad_scale):  # fmt: skip
         return _stats_like(params, 2)
+
+
+if LOADED:
+    register_fakes("autolr_fused")
+
+# The extension's namespace, the wrappers' default ``ops=`` (looked up lazily: it may not be loaded).
+EXTENSION_OPS: Any = torch.ops.autolr_fused
 
 
 def _lr_args(lr: float | Tensor) -> tuple[Tensor | None, float]:
@@ -110,6 +126,7 @@ def sgd_step(
     regret: Tensor | None = None,
     boundary: Boundary | None = None,
     grad_scale: Tensor | None = None,
+    ops: Any = EXTENSION_OPS,
 ) -> Tensor | None:
     if not _kernels_take(params) or _momentum_vanishes(cfg):
         return reference.sgd_step(
@@ -127,7 +144,7 @@ def sgd_step(
         )
     lr_tensor, lr_value = _lr_args(lr)
     b = boundary
-    stats = torch.ops.autolr_fused.sgd_step(
+    stats = ops.sgd_step(
         list(params),
         list(grads),
         list(buffers) if cfg.momentum != 0 else [],
@@ -162,12 +179,13 @@ def sgd_reduce(
     first_step: bool = False,
     of: str = REGULARIZED,
     grad_scale: Tensor | None = None,
+    ops: Any = EXTENSION_OPS,
 ) -> Tensor:
     if not _kernels_take(params) or _momentum_vanishes(cfg):
         return reference.sgd_reduce(
             params, grads, buffers, prevs, cfg, first_step=first_step, of=of, grad_scale=grad_scale
         )
-    return torch.ops.autolr_fused.sgd_reduce(
+    return ops.sgd_reduce(
         list(params),
         list(grads),
         list(buffers) if cfg.momentum != 0 and of == DIRECTION else [],
@@ -183,11 +201,11 @@ def sgd_reduce(
     )
 
 
-def boundary_pass(params: Sequence[Tensor], boundary: Boundary) -> Tensor:
+def boundary_pass(params: Sequence[Tensor], boundary: Boundary, *, ops: Any = EXTENSION_OPS) -> Tensor:
     if not _kernels_take(params):
         return reference.boundary_pass(params, boundary)
     b = boundary
-    return torch.ops.autolr_fused.boundary_pass(
+    return ops.boundary_pass(
         list(params),
         list(b.snapshots),
         list(b.prev_displacements),
@@ -209,13 +227,14 @@ def adam_step(
     prevs: Sequence[Tensor] | None = None,
     regret: Tensor | None = None,
     grad_scale: Tensor | None = None,
+    ops: Any = EXTENSION_OPS,
 ) -> None:
     if not _kernels_take(params):
         return reference.adam_step(
             params, grads, exp_avgs, exp_avg_sqs, lr, cfg, step=step, prevs=prevs, regret=regret, grad_scale=grad_scale
         )
     lr_tensor, lr_value = _lr_args(lr)
-    torch.ops.autolr_fused.adam_step(
+    ops.adam_step(
         list(params),
         list(grads),
         list(exp_avgs),
@@ -245,10 +264,11 @@ def adam_reduce(
     *,
     step: int,
     grad_scale: Tensor | None = None,
+    ops: Any = EXTENSION_OPS,
 ) -> Tensor:
     if not _kernels_take(params):
         return reference.adam_reduce(params, grads, exp_avgs, exp_avg_sqs, prevs, cfg, step=step, grad_scale=grad_scale)
-    return torch.ops.autolr_fused.adam_reduce(
+    return ops.adam_reduce(
         list(params),
         list(grads),
         list(exp_avgs),
