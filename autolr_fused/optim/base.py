@@ -9,6 +9,7 @@ backend together.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,6 +28,24 @@ from autolr_fused._validation import (
 )
 from autolr_fused.backends import resolve_backend
 from autolr_fused.distributed import LocalShardOps, Sharding, is_dtensor, local
+
+
+def _untraced(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, made on the first call.
+
+    Making it at import time would import the compiler stack (about 1.4 s, and Triton
+    in its compiled mode) with this package; torch.optim's own step defers it the same way.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
@@ -197,7 +216,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
     # Inside torch.compile'd code the step runs as its own fused ops, untraced: the host-side controller
     # state (counters, epoch logic) and Python-float lrs would otherwise become guards that recompile as
     # they change. tests/test_compile.py counts the compiles.
-    @torch.compiler.disable
+    @_untraced
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss if given."""
