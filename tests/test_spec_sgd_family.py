@@ -511,7 +511,8 @@ def test_tlr_nan_gradient_never_puts_nan_into_the_lr(per_layer: bool, steps_per_
     if per_layer:
         assert any(history[-1][i] != history[0][i] for i in keys if i != nan_tensor), "finite tensors stay adaptive"
     if not per_layer:
-        assert math.isfinite(opt.stats()["factor"])
+        with pytest.warns(RuntimeWarning, match="not finite"):  # the one warning, at this first stats()
+            assert math.isfinite(opt.stats()["factor"])
 
 
 # ----------------------------------------------------------------- spec: HD
