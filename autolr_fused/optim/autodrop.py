@@ -125,9 +125,7 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
 
     def _step(self) -> None:
         ops, config, c = self._ops, self.defaults, self._controller
-        for p in self._all_params():
-            if "snapshot" not in self.state[p]:  # x_0: the parameters before their first step
-                self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+        self._take_first_snapshots()
         c["step_in_epoch"] += 1
         at_end = c["step_in_epoch"] >= config["steps_per_epoch"]
         # While a drop is pending, this epoch end accumulates z += k * x_e with k known now.

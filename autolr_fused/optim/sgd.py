@@ -101,6 +101,25 @@ class SGDDirectionOptimizer(AutoLROptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
+    def _take_first_snapshots(self) -> None:
+        """``state[p]["snapshot"]`` of every tensor that has none: x_0, the parameters before this step.
+
+        For the boundary methods (AutoDrop, TLR window mode). Once every parameter has
+        one, a step only compares two counts: the number of tensors known to have a
+        snapshot is kept until load_state_dict replaces the state.
+        """
+        params = self._all_params()
+        if getattr(self, "_snapshots_taken", 0) == len(params):
+            return
+        for p in params:
+            if "snapshot" not in self.state[p]:
+                self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+        self._snapshots_taken = len(params)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._snapshots_taken = 0  # the loaded state may lack snapshots
+
     def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
         return momentum_units(self, group, params)
 

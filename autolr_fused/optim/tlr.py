@@ -175,10 +175,10 @@ class FusedTLR(SGDDirectionOptimizer):
         self._controller["step_in_window"] += 1
         window = tlr.window_length(self.defaults["steps_per_epoch"], self.defaults["update_fraction"])
         at_end = self._controller["step_in_window"] >= window
+        self._take_first_snapshots()
         stats, stepped = [], []
         for group in self.param_groups:
             all_params = group["params"]
-            self._take_first_snapshots(all_params)
             params = self._grad_params(group)
             fused = at_end and len(params) == len(all_params)
             for unit in self._units(group, params):
@@ -205,12 +205,6 @@ class FusedTLR(SGDDirectionOptimizer):
             self._controller["windows"] += 1
             if self._controller["windows"] >= 2 and stepped:  # j >= 2: u_{j-1} exists
                 self._apply_factor(self._global_rows(torch.cat(stats), [stepped])[:, :2], stepped)
-
-    def _take_first_snapshots(self, params: list[Tensor]) -> None:
-        """x_snap of a tensor that has none yet: the parameters before this step."""
-        for p in params:
-            if "snapshot" not in self.state[p]:
-                self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
 
     def _boundary(self, params: list[Tensor], lrs: Tensor) -> Boundary:
         """The window-end pass: u_j = (x_now - x_snap) / lr_j into ``prev_update``."""
