@@ -105,20 +105,18 @@ class SGDDirectionOptimizer(AutoLROptimizer):
         """``state[p]["snapshot"]`` of every tensor that has none: x_0, the parameters before this step.
 
         For the boundary methods (AutoDrop, TLR window mode). Once every parameter has
-        one, a step only compares two counts: the number of tensors known to have a
-        snapshot is kept until load_state_dict replaces the state.
+        one, a step only compares a count: the number of tensors known to have a
+        snapshot is kept with the state it was counted in (load_state_dict brings a
+        new state object, which is counted again).
         """
         params = self._all_params()
-        if getattr(self, "_snapshots_taken", 0) == len(params):
+        counted = getattr(self, "_snapshots_taken", None)
+        if counted is not None and counted[0] is self.state and counted[1] == len(params):
             return
         for p in params:
             if "snapshot" not in self.state[p]:
                 self.state[p]["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
-        self._snapshots_taken = len(params)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._snapshots_taken = 0  # the loaded state may lack snapshots
+        self._snapshots_taken = (self.state, len(params))
 
     def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
         return momentum_units(self, group, params)
