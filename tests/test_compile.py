@@ -9,7 +9,8 @@ How the package meets the compiler:
   rate cannot trigger a recompilation.
 * The fused ops are registered with ``torch.library`` (schemas with their mutation annotations, fake
   kernels), so code that calls them directly traces them as ops: ``torch.library.opcheck`` checks the
-  schema against what the kernels write, the fake kernels' output shapes, and an AOT dispatch.
+  schema against what the kernels write, the fake kernels' output shapes, and an AOT dispatch, for the
+  C++ ops and, when Triton runs on the CPU (interpreted), for the Triton ops.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from autolr_fused import available_backends
 from autolr_fused.backends import _ops
+from autolr_fused.backends import triton as triton_backend  # also registers torch.ops.autolr_fused_triton
 from autolr_fused.backends.primitives import REGULARIZED
 from autolr_fused.directions import AdamConfig, SGDConfig
 
@@ -122,11 +124,20 @@ def sample_calls() -> dict[str, tuple]:
     }  # fmt: skip
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def op_namespaces() -> list:
+    """The op libraries that run on the CPU sample tensors here: the C++ ops, and the Triton ops when interpreted."""
+    out = [pytest.param("autolr_fused", marks=pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ extension"))]
+    interpreted = "triton" in available_backends() and triton_backend.supports(torch.device("cpu"))
+    no_triton = pytest.mark.skipif(not interpreted, reason="Triton does not run on CPU tensors here")
+    out.append(pytest.param("autolr_fused_triton", marks=no_triton))
+    return out
+
+
+@pytest.mark.parametrize("namespace", op_namespaces())
 @pytest.mark.parametrize("op", ["sgd_step", "sgd_reduce", "boundary_pass", "adam_step", "adam_reduce"])
-def test_fused_op_passes_opcheck(op):
+def test_fused_op_passes_opcheck(op, namespace):
     args = sample_calls()[op]
-    result = torch.library.opcheck(getattr(torch.ops.autolr_fused, op).default, copy.deepcopy(args))
+    result = torch.library.opcheck(getattr(getattr(torch.ops, namespace), op).default, copy.deepcopy(args))
     assert set(result.values()) == {"SUCCESS"}, result
 
 
