@@ -18,8 +18,10 @@ average accumulating) and right after the drop, SGDL around a milestone, AALR in
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -251,6 +253,32 @@ def test_resume_from_a_saved_state_dict_is_bit_identical_to_the_uninterrupted_ru
         train_step(model, opt, step)
         train_step(twin_model, twin, step)
         assert_same_run(model, opt, twin_model, twin, f"step {step + 1} (resumed at {k})")
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if DEVICE[b] == "cpu"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_deep_copied_or_pickled_optimizer_continues_like_the_original(case, backend, copier):
+    """copy.deepcopy / pickle of (model, optimizer) mid-run keeps the controller state and the backend.
+
+    torch.optim.Optimizer pickles only defaults, state and param_groups; a copy without the controller
+    would restart its counters (or fail on its first step).
+    """
+    factory, total, save_points = CASES[case]
+    k = save_points[0]
+    model = make_model("cpu")
+    opt = factory(model, backend)
+    for step in range(k):
+        train_step(model, opt, step)
+    if copier == "deepcopy":
+        twin_model, twin = copy.deepcopy((model, opt))
+    else:
+        twin_model, twin = pickle.loads(pickle.dumps((model, opt)))
+    assert twin.backend == opt.backend
+    for step in range(k, total):
+        train_step(model, opt, step)
+        train_step(twin_model, twin, step)
+        assert_same_run(model, opt, twin_model, twin, f"step {step + 1} ({copier} at {k})")
 
 
 def test_the_autodrop_save_points_hit_a_pending_drop_and_the_drop():

@@ -123,6 +123,23 @@ class AutoLROptimizer(torch.optim.Optimizer):
         self.backend, self._backend_ops = name, ops
         self._ops = ops if self._sharding is None else LocalShardOps(ops)
 
+    # ------------------------------------------------------- pickle and deepcopy
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; this optimizer also owns its
+    # controller state, last statistics and settings. The backend module and the sharding are not
+    # pickled: they are found again from the backend's name and the parameters.
+    _UNPICKLED = ("_ops", "_backend_ops", "_sharding", "_flat_cache", "_snapshots_taken")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "backend" not in state:  # pickled by an older version (torch's three keys): nothing to restore
+            return
+        self._flat_cache = None
+        self._sharding = Sharding.of(self._all_params())
+        self._use_backend(*resolve_backend(self.backend, self._device()))
+
     # ----------------------------------------------------------------- groups
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
