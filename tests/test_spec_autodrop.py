@@ -35,7 +35,7 @@ import pytest
 import torch
 from spec_problems import SHAPES, NoisyQuadratic, set_grads
 
-from autolr_fused import FusedAutoDropSGD
+from autolr_fused import FusedAutoDropSGD, available_backends
 
 GROUP_OF_TENSOR = [0, 0, 1, 1]  # two param groups: the first two tensors, the last two
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
@@ -350,3 +350,42 @@ def test_autodrop_state_dict_round_trip_during_pending_drop_continues_bit_identi
         for key in ("drop_pending", "k", "theta"):
             assert sa[key] == sb[key], f"{key} diverges after the reload"
     assert [float(g["lr"]) for g in opt_b.param_groups] != lrs_at_save, "the pending drop must complete after reload"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_group_added_while_a_drop_is_pending_joins_the_drops_average(backend):
+    """Not in the spec (it has one fixed parameter set); the rule FusedAutoDropSGD.add_param_group states.
+
+    A tensor that joins after k epoch ends of a pending drop counts as if it had held its joining value
+    at those k ends: at the drop it becomes (sum_{j<=k} j * x_join + sum_{j>k} j * x_j) / (n_d(n_d+1)/2).
+    float32 accumulation of 4 terms: rtol 1e-6.
+    """
+    if backend == "cpu" and "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(0)
+    first = torch.nn.Parameter(torch.randn(5, generator=g))
+    late = torch.nn.Parameter(torch.randn(3, generator=g))
+    n_d = 4
+    # One step per epoch; threshold = max_threshold = 180 degrees: the trigger fires at epoch 3 (k = 1 there).
+    opt = FusedAutoDropSGD(
+        [first], lr=0.1, momentum=0.0, steps_per_epoch=1, threshold=180.0, max_threshold=180.0, drop_delay=n_d,
+        backend=backend,
+    )  # fmt: skip
+    for _ in range(4):  # epochs 1..4: the trigger at 3 (k = 1), k = 2 after epoch 4
+        first.grad = torch.randn(5, generator=g)
+        opt.step()
+    assert opt.stats()["drop_pending"] and opt.stats()["k"] == 2
+    opt.add_param_group({"params": [late]})
+    x_join = late.detach().double().clone()
+    weighted = (1 + 2) * x_join
+    for k in (3, 4):  # epochs 5 and 6: k = 3, then the drop at k = n_d = 4
+        first.grad, late.grad = torch.randn(5, generator=g), torch.randn(3, generator=g)
+        before = late.detach().double().clone()
+        opt.step()
+        if k < n_d:
+            weighted += k * late.detach().double()
+        else:  # the drop replaced the parameters: x_e of this epoch end is the stepped value
+            stepped = before - 0.1 * late.grad.double()
+            weighted += k * stepped
+    assert opt.stats()["drops"] == 1
+    torch.testing.assert_close(late.detach().double(), weighted / (n_d * (n_d + 1) / 2), rtol=1e-6, atol=1e-7)

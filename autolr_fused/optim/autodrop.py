@@ -173,6 +173,21 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
         index = torch.tensor([position[id(p)] for p in order], device=rows.device)
         return torch.empty_like(rows).index_copy_(0, index, rows)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's; a group added while a drop is pending joins that drop's average.
+
+        Its tensors' averages start as if they had held their current values at the k
+        epoch ends accumulated so far (z = (1 + ... + k) * x_now), so that at the drop
+        they too become a weighted average of where they have been, with the same
+        normalisation as every other tensor.
+        """
+        super().add_param_group(param_group)
+        c = self._controller
+        if c["drop_pending"]:
+            accumulated = c["k"] * (c["k"] + 1) / 2
+            for p in self.param_groups[-1]["params"]:
+                self.state[p]["average"] = p.detach().to(torch.float32, copy=True).mul_(accumulated)
+
     def _boundary(self, params: list[Tensor], weight: int) -> Boundary:
         """The epoch-end pass: s_e = x_e - x_{e-1} into ``prev_displacement``, and z += k * x_e if pending."""
         return Boundary(
