@@ -122,6 +122,21 @@ void adam_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, dou
   });
 }
 
+// The element rule and every tensor list's pointers, laid out as the aligner's params; `written`: the
+// call writes the moments and prevs (a copied, realigned list is then copied back by aligner.finish()).
+Args adam_args(const AdamHyper& h, const std::optional<at::Tensor>& grad_scale, LayoutAligner& aligner,
+               at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList prevs,
+               bool written) {
+  Args args;
+  args.e = adam_element(h, scale_ptr(grad_scale));
+  args.params = pointers(aligner.params());
+  args.grads = pointers(aligner.align(grads.vec(), false));
+  args.exp_avgs = pointers(aligner.align(exp_avgs.vec(), written));
+  args.exp_avg_sqs = pointers(aligner.align(exp_avg_sqs.vec(), written));
+  args.prevs = pointers(aligner.align(prevs.vec(), written));
+  return args;
+}
+
 void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs) {
   check_params(params);
@@ -146,13 +161,7 @@ void adam_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::Tensor
                                       bias_correction1, bias_correction2_sqrt);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  Args args;
-  args.e = adam_element(h, scale_ptr(grad_scale));
-  args.params = pointers(work);
-  args.grads = pointers(aligner.align(grads_in.vec(), false));
-  args.exp_avgs = pointers(aligner.align(exp_avgs_in.vec(), true));
-  args.exp_avg_sqs = pointers(aligner.align(exp_avg_sqs_in.vec(), true));
-  args.prevs = pointers(aligner.align(prevs_in.vec(), true));
+  Args args = adam_args(h, grad_scale, aligner, grads_in, exp_avgs_in, exp_avg_sqs_in, prevs_in, true);
   args.lrs = per_tensor(lr, lr_value);
   args.regrets = regret ? regret->data_ptr<float>() : nullptr;
   args.decoupled_weight_decay = decoupled_weight_decay ? h.weight_decay : 0.0f;
@@ -177,13 +186,7 @@ at::Tensor adam_reduce_cpu(at::TensorList params_in, at::TensorList grads_in, at
                                       bias_correction1, bias_correction2_sqrt);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  Args args;
-  args.e = adam_element(h, scale_ptr(grad_scale));
-  args.params = pointers(work);
-  args.grads = pointers(aligner.align(grads_in.vec(), false));
-  args.exp_avgs = pointers(aligner.align(exp_avgs_in.vec(), false));
-  args.exp_avg_sqs = pointers(aligner.align(exp_avg_sqs_in.vec(), false));
-  args.prevs = pointers(aligner.align(prevs_in.vec(), false));
+  const Args args = adam_args(h, grad_scale, aligner, grads_in, exp_avgs_in, exp_avg_sqs_in, prevs_in, false);
   return run_chunks(work, args, 2, [&](auto tag) -> Range {
     using T = typename decltype(tag)::type;
     return &adam_reduce_range<T>;

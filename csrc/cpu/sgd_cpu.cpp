@@ -198,6 +198,19 @@ void boundary_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
   });
 }
 
+// The element rule and the grads', buffers' and prevs' pointers, laid out as the aligner's params;
+// `written`: the call writes buffers and prevs (a realigned copy is then copied back by aligner.finish()).
+Args sgd_args(const SgdHyper& h, const std::optional<at::Tensor>& grad_scale, LayoutAligner& aligner,
+              at::TensorList grads, at::TensorList buffers, at::TensorList prevs, bool written) {
+  Args args;
+  args.e = sgd_element(h, scale_ptr(grad_scale));
+  args.params = pointers(aligner.params());
+  args.grads = pointers(aligner.align(grads.vec(), false));
+  args.buffers = pointers(aligner.align(buffers.vec(), written));
+  args.prevs = pointers(aligner.align(prevs.vec(), written));
+  return args;
+}
+
 BoundaryArgs boundary_args(const TensorList& snapshots, const TensorList& prev_displacements,
                            const std::optional<at::Tensor>& scale, const TensorList& accumulators, double weight) {
   BoundaryArgs a;
@@ -233,12 +246,7 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
 
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  Args args;
-  args.e = sgd_element(h, scale_ptr(grad_scale));
-  args.params = pointers(work);
-  args.grads = pointers(aligner.align(grads_in.vec(), false));
-  args.buffers = pointers(aligner.align(buffers_in.vec(), true));
-  args.prevs = pointers(aligner.align(prevs_in.vec(), true));
+  Args args = sgd_args(h, grad_scale, aligner, grads_in, buffers_in, prevs_in, true);
   args.lrs = per_tensor(lr, lr_value);
   args.regrets = has_regret ? regret->data_ptr<float>() : nullptr;
   args.boundary = boundary_args(aligner.align(snapshots_in.vec(), true),
@@ -265,12 +273,7 @@ at::Tensor sgd_reduce_cpu(at::TensorList params_in, at::TensorList grads_in, at:
   check_list(params, prevs_in.vec(), "prevs", false);
   LayoutAligner aligner(params);
   const TensorList& work = aligner.params();
-  Args args;
-  args.e = sgd_element(h, scale_ptr(grad_scale));
-  args.params = pointers(work);
-  args.grads = pointers(aligner.align(grads_in.vec(), false));
-  args.buffers = pointers(aligner.align(buffers_in.vec(), false));
-  args.prevs = pointers(aligner.align(prevs_in.vec(), false));
+  const Args args = sgd_args(h, grad_scale, aligner, grads_in, buffers_in, prevs_in, false);
   return run_chunks(work, args, 2, [&](auto tag) -> Range {
     using T = typename decltype(tag)::type;
     return direction ? &sgd_reduce_range<T, true> : &sgd_reduce_range<T, false>;
