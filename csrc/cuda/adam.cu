@@ -117,14 +117,6 @@ struct AdamReduceOp {
   }
 };
 
-void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs) {
-  check_params(params);
-  check_list(params, grads.vec(), "grads", false);
-  check_list(params, exp_avgs.vec(), "exp_avgs", false);
-  check_list(params, exp_avg_sqs.vec(), "exp_avg_sqs", false);
-}
-
 void adam_step_cuda(at::TensorList params_in, at::TensorList grads_in, at::TensorList exp_avgs_in,
                     at::TensorList exp_avg_sqs_in, const std::optional<at::Tensor>& lr, double lr_value,
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,

@@ -85,6 +85,15 @@ inline void check_vector(const std::optional<at::Tensor>& v, const char* name, s
 }
 
 // The lists of a boundary pass (AutoDrop's epoch end, TLR's window end).
+// The lists every Adam op takes, aligned with params.
+inline void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs) {
+  check_params(params);
+  check_list(params, grads.vec(), "grads", false);
+  check_list(params, exp_avgs.vec(), "exp_avgs", false);
+  check_list(params, exp_avg_sqs.vec(), "exp_avg_sqs", false);
+}
+
 inline void check_boundary(const TensorList& params, const TensorList& snapshots,
                            const TensorList& prev_displacements, const std::optional<at::Tensor>& scale,
                            const TensorList& accumulators) {
