@@ -10,6 +10,7 @@ other and with :func:`train` run in the test's own process without sharding.
 
 from __future__ import annotations
 
+import io
 import sys
 import traceback
 from collections.abc import Callable
@@ -127,7 +128,7 @@ def train(
         "all_reduces": all_reduces,
         "params": {name: full(p) for name, p in params.items()},
         "tensor_lrs": {
-            name: full(optimizer.state[p]["lr"]) for name, p in params.items() if "lr" in optimizer.state[p]
+            name: full(optimizer.state[p]["lr"]) for name, p in params.items() if "lr" in optimizer.state.get(p, {})
         },
     }
 
@@ -222,43 +223,73 @@ def scenario_fsdp2(workdir: Path) -> dict[str, Any]:
     return out
 
 
-def _checkpoint_round_trip(directory: Path) -> dict[str, Any]:
-    """FusedTLR's state_dict through torch.distributed.checkpoint: save and load, and the state_dict helpers.
+# The methods whose checkpoints go through torch.distributed.checkpoint: per-tensor lrs, state keys that appear
+# only later (AutoDrop's displacement and average, TLR's window update), and an Adam base.
+DCP_METHODS = ("tlr", "autodrop", "tlr_window", "rdbd_adam")
 
-    ``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``, so loading its output must
-    fail with a message that says so; ``dcp.save``/``dcp.load`` of ``optimizer.state_dict()`` must
-    restore everything (the DTensor state sharded, the controller's counters).
+
+def _checkpoint_round_trip(directory: Path) -> dict[str, Any]:
+    """FSDP2 checkpoints through torch.distributed.checkpoint continue exactly, per DCP_METHODS method and flow.
+
+    Flows: ``dcp`` saves ``get_optimizer_state_dict`` and loads it into the same helper's output of a new
+    optimizer (the usual resume: its state is only a template), then ``set_optimizer_state_dict``; ``full``
+    gathers a full state_dict on rank 0 (``full_state_dict``, ``cpu_offload``) and broadcasts it back
+    (``broadcast_from_rank0``); ``dcp_fresh`` is ``dcp`` saved before the first step. Each resumed
+    optimizer and the original then take 3 more steps; ``untouched`` is the original's run against one
+    that never met the helpers.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    make = METHODS["tlr"].make
-    model = _fully_sharded()
-    optimizer = make(list(model.parameters()), "reference")
-    train(model, optimizer, _my_rows(), _average_replicated_grads(model), 3)
+    def _through_file(obj: Any) -> Any:
+        """As torch.save then torch.load would give it back (the offloaded state may be the live tensors)."""
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=True)
+
+    def copy_of(model: nn.Module) -> nn.Module:
+        twin = _fully_sharded()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.copy_(p)
+        return twin
+
     out: dict[str, Any] = {}
-    twin = _fully_sharded()
-    try:
-        set_optimizer_state_dict(
-            twin, make(list(twin.parameters()), "reference"), get_optimizer_state_dict(model, optimizer)
-        )
-        out["helpers"] = None
-    except ValueError as error:
-        out["helpers"] = str(error)
-    dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=directory)
-    loaded = make(list(twin.parameters()), "reference")
-    train(twin, loaded, _my_rows(), _average_replicated_grads(twin), 1)  # state of the saved structure to load into
-    target = {"optimizer": loaded.state_dict()}
-    dcp.load(target, checkpoint_id=directory)
-    loaded.load_state_dict(target["optimizer"])
-    saved, restored = optimizer.state_dict(), loaded.state_dict()
-    out["controller"] = (saved["controller"], restored["controller"])
-    out["lr"] = (saved["param_groups"][0]["lr"], restored["param_groups"][0]["lr"])
-    out["state"] = [
-        (full(saved["state"][i][key]), full(value))
-        for i, state in restored["state"].items()
-        for key, value in state.items()
-    ]
+    for name in DCP_METHODS:
+        make = METHODS[name].make
+        for flow, steps in (("dcp", 3), ("full", 3), ("dcp_fresh", 0)):
+            model = _fully_sharded()
+            optimizer = make(list(model.parameters()), "cpu")
+            train(model, optimizer, _my_rows(), _average_replicated_grads(model), steps)
+            twin = copy_of(model)
+            resumed = make(list(twin.parameters()), "cpu")
+            if flow == "full":
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                saved = _through_file(get_optimizer_state_dict(model, optimizer, options=options))
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_optimizer_state_dict(twin, resumed, saved if dist.get_rank() == 0 else {}, options=options)
+            else:
+                checkpoint = str(directory / f"{name}-{flow}")
+                dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=checkpoint)
+                target = {"optimizer": get_optimizer_state_dict(twin, resumed)}
+                dcp.load(target, checkpoint_id=checkpoint)
+                set_optimizer_state_dict(twin, resumed, target["optimizer"])
+            first = steps + 1
+            kept = train(model, optimizer, _my_rows(), _average_replicated_grads(model), 3, first)
+            again = train(twin, resumed, _my_rows(), _average_replicated_grads(twin), 3, first)
+            out[name, flow] = (kept, again)
+            if flow == "dcp_fresh":
+                plain = _fully_sharded()
+                untouched = make(list(plain.parameters()), "cpu")
+                out[name, "untouched"] = (
+                    kept,
+                    train(plain, untouched, _my_rows(), _average_replicated_grads(plain), 3, first),
+                )
     return out
 
 

@@ -283,8 +283,7 @@ def test_grad_scaler_step_with_inf_changes_nothing_and_finite_steps_unscale(case
             scaler.update()
             assert all(torch.equal(a, b) for a, b in zip(params, before_params))
             after = opt.state_dict()
-            assert repr(after["param_groups"]) == repr(before["param_groups"])
-            assert after.get("controller") == before.get("controller")
+            assert repr(after["param_groups"]) == repr(before["param_groups"])  # lrs, controller, statistics
             for key, state in before["state"].items():
                 for name, value in state.items():
                     if isinstance(value, torch.Tensor):

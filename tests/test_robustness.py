@@ -55,11 +55,8 @@ def bad_gradients(params: list[torch.Tensor], step: int, value: float) -> list[t
 
 def assert_same_state(after: dict, before: dict) -> None:
     """Two state_dicts hold the same groups, controller, statistics and (bit for bit) state tensors."""
+    # The groups hold the lrs and, in param_groups[0]["autolr_fused"], the controller and statistics (exact JSON).
     assert repr(after["param_groups"]) == repr(before["param_groups"])
-    assert after.get("controller") == before.get("controller")
-    assert set(after.get("statistics", {})) == set(before.get("statistics", {}))
-    for key, value in before.get("statistics", {}).items():
-        assert torch.equal(after["statistics"][key], value), key
     assert set(after["state"]) == set(before["state"])
     for pid, state in before["state"].items():
         assert set(after["state"][pid]) == set(state)

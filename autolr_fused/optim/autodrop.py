@@ -123,6 +123,9 @@ class FusedAutoDropSGD(SGDDirectionOptimizer):
     def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:
         return autodrop.initial_state(float(defaults["threshold"]))
 
+    def _late_state_keys(self) -> dict[str, torch.dtype | None]:
+        return {"prev_displacement": None, "average": torch.float32}  # from the first epoch end; while pending
+
     def _step(self) -> None:
         ops, config, c = self._ops, self.defaults, self._controller
         self._take_first_snapshots()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import json
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +50,24 @@ def _untraced(fn: Callable) -> Callable:
     return call
 
 
+# torch.distributed.checkpoint's state_dict helpers (get/set_optimizer_state_dict) keep only ``state`` and
+# ``param_groups``: the controller's state therefore travels in the first param group, under this key.
+STATE_DICT_ENTRY = "autolr_fused"
+_DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"
+
+
+def _called_from_dcp(function: str) -> bool:
+    """Whether ``torch.distributed.checkpoint.state_dict.<function>`` is among the last few callers."""
+    frame = sys._getframe(2)
+    for _ in range(12):  # the step's own wrappers (no_grad, torch.compiler.disable) lie in between
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__") == _DCP_STATE_DICT_MODULE:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     """A new 0-dim float32 tensor on ``device`` holding ``lr`` (adapted lrs live there)."""
     return torch.as_tensor(lr, dtype=torch.float32).reshape(()).to(device).clone()
@@ -70,6 +90,9 @@ class AutoLROptimizer(torch.optim.Optimizer):
       anything else.
     * ``_optional_group_keys``: hyperparameters a saved param group may lack
       (``__setstate__`` fills them, as torch does for old state_dicts).
+    * ``_torch_layout``: the state_dict is torch.optim.SGD's, with no entry of
+      this package (FusedSGD); every other optimizer saves its controller
+      state, last statistics and state keys in ``param_groups[0]["autolr_fused"]``.
 
     Non-finite statistics: the controllers never let one reach a learning rate
     (the lr stays); the step records on the device that it happened (no host
@@ -88,6 +111,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
     _state_schema: dict[str, str] = {}
     _state_bundles: tuple[tuple[str, ...], ...] = ()
     _optional_group_keys: tuple[str, ...] = ()
+    _torch_layout: bool = False
 
     def __init__(
         self, params: Iterable, defaults: dict[str, Any], backend: str = "auto", *, skip_nonfinite: bool = False
@@ -114,6 +138,8 @@ class AutoLROptimizer(torch.optim.Optimizer):
         # last warning check (see _note_nonfinite); None until a step records one.
         self._nonfinite_seen: Tensor | None = None
         self._nonfinite_warned = False
+        # True while ``state`` only holds the template torch.distributed.checkpoint made (see _template_step).
+        self._template_state = False
         super().__init__(params, defaults)
         if backend == "auto":  # now that the parameters' device is known
             self._use_backend(*resolve_backend(backend, self._device()))
@@ -145,6 +171,15 @@ class AutoLROptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _late_state_keys(self) -> dict[str, torch.dtype | None]:
+        """Per-parameter state keys that appear only after some steps, with their dtype (None: the parameter's).
+
+        The state_dict that ``get_optimizer_state_dict`` takes holds them for every
+        parameter with state (as zeros where they do not exist yet), so that a
+        ``torch.distributed.checkpoint.load`` template always has the saved keys.
+        """
         return {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -252,6 +287,15 @@ class AutoLROptimizer(torch.optim.Optimizer):
         # skip_nonfinite: the same contract without a GradScaler (whose flag already answers when there is one).
         if found_inf is None and self.skip_nonfinite and not self._gradients_are_finite():
             return loss
+        if (
+            not self._torch_layout
+            and (self._template_state or not self.state)
+            and _called_from_dcp("_init_optim_state")
+        ):
+            self._template_step()
+            return loss
+        if self._template_state:  # the first real step: the template goes, the state starts as usual
+            self._drop_template_state()
         grad_scale = getattr(self, "grad_scale", None)
         self._grad_scale = None if grad_scale is None else grad_scale.to(torch.float32).reshape(1)
         try:
@@ -259,6 +303,42 @@ class AutoLROptimizer(torch.optim.Optimizer):
         finally:
             self._grad_scale = None
         return loss
+
+    def _template_step(self) -> None:
+        """The step torch.distributed.checkpoint's state_dict helpers take to create the state: changes nothing.
+
+        ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` step an
+        optimizer whose ``state`` is empty once, with zero gradients and every
+        group lr set to 0, so that its state tensors exist (the template that
+        ``dcp.load`` loads into). Here that step creates the per-parameter state
+        as a first step would, and then puts back everything else (controller,
+        statistics, warnings); the state is marked as a template, which the
+        next real step drops (it is then the first step, as if the helpers had
+        never run) and ``load_state_dict`` replaces. The parameters are not
+        changed: every lr of the step is 0.
+        """
+        if self._template_state:
+            self._drop_template_state()
+        controller = copy.deepcopy(self._controller)
+        statistics = dict(self._statistics)
+        seen = None if self._nonfinite_seen is None else self._nonfinite_seen.clone()
+        kept = {k: self.__dict__.get(k) for k in ("_nonfinite_warned", "_snapshots_taken")}
+        try:
+            self._step()
+        finally:
+            self._controller, self._statistics, self._nonfinite_seen = controller, statistics, seen
+            for key, value in kept.items():
+                if value is None:
+                    self.__dict__.pop(key, None)
+                else:
+                    setattr(self, key, value)
+            self._template_state = True
+
+    def _drop_template_state(self) -> None:
+        self.state.clear()
+        self._flat_cache = None
+        self.__dict__.pop("_snapshots_taken", None)
+        self._template_state = False
 
     def _gradients_are_finite(self) -> bool:
         """skip_nonfinite's test (one host read); with sharded parameters every rank decides alike."""
@@ -326,11 +406,83 @@ class AutoLROptimizer(torch.optim.Optimizer):
         for group in sd["param_groups"]:
             if isinstance(group.get("lr"), Tensor):
                 group["lr"] = group["lr"].detach().clone()
-        if self._controller:
-            sd["controller"] = copy.deepcopy(self._controller)
-        if self._statistics:
-            sd["statistics"] = {k: v.detach().clone() for k, v in self._statistics.items()}
+        if self._torch_layout:
+            return sd
+        params = self._all_params()
+        state_keys = [sorted(self.state[p]) if p in self.state else [] for p in params]
+        if _called_from_dcp("_get_optim_state_dict"):
+            # get_optimizer_state_dict: a fixed set of keys per parameter, so that this state_dict can serve as
+            # the template dcp.load fills (load_state_dict drops the zeros again, by state_keys).
+            by_id = dict(zip(itertools.chain.from_iterable(g["params"] for g in sd["param_groups"]), params))
+            late = self._late_state_keys()
+            for pid, entry in list(sd["state"].items()):
+                zeros = {
+                    key: torch.zeros_like(by_id[pid], dtype=dtype, memory_format=torch.preserve_format)
+                    for key, dtype in late.items()
+                    if key not in entry
+                }
+                if zeros:  # a new dict: ``entry`` is the optimizer's own state
+                    sd["state"][pid] = {**entry, **zeros}
+        if sd["param_groups"]:
+            # One JSON string: torch.distributed.checkpoint flattens nested dicts and lists into one item
+            # per leaf (empty lists vanish, and a dcp.load template would have to match every leaf), while a
+            # string is one value that loads whole. The statistics (device tensors) go as numbers.
+            sd["param_groups"][0][STATE_DICT_ENTRY] = json.dumps(
+                {
+                    "controller": self._controller,
+                    "statistics": [
+                        [key, value.detach().cpu().reshape(-1).tolist(), list(value.shape), str(value.dtype)[6:]]
+                        for key, value in self._statistics.items()
+                    ],
+                    "state_keys": state_keys,
+                    "template_state": self._template_state,
+                }
+            )
         return sd
+
+    def _saved_entry(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This package's entry of ``state_dict`` (checked), and ``state_dict`` without it."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+            return {}, state_dict  # check_state_dict names what is wrong
+        entry = groups[0].get(STATE_DICT_ENTRY)
+        if entry is None:
+            raise ValueError(
+                f"state_dict has no param_groups[0][{STATE_DICT_ENTRY!r}] entry (the controller state "
+                f"{type(self).__name__} needs): was it saved by another optimizer, or through "
+                "get_optimizer_state_dict(options=StateDictOptions(flatten_optimizer_state_dict=True)), which "
+                "keeps only the keys a fresh optimizer's param groups have? Save it without flattening."
+            )
+        try:
+            entry = json.loads(entry)
+        except (TypeError, ValueError):
+            entry = None
+        if not isinstance(entry, dict) or set(entry) != {"controller", "statistics", "state_keys", "template_state"}:
+            raise ValueError(f"state_dict's param_groups[0][{STATE_DICT_ENTRY!r}] is not this package's entry")
+        groups = [{k: v for k, v in g.items() if k != STATE_DICT_ENTRY} if isinstance(g, dict) else g for g in groups]
+        return entry, {**state_dict, "param_groups": groups}
+
+    @staticmethod
+    def _saved_state_keys(state_dict: dict[str, Any], state_keys: Any) -> dict[Any, dict[str, Any]]:
+        """``state_dict["state"]`` with only the keys the saved optimizer had (``state_keys``, one list per parameter).
+
+        The zeros get_optimizer_state_dict adds for keys that do not exist yet go;
+        a key the saved optimizer had but ``state_dict`` lacks raises ValueError.
+        """
+        pids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        if not isinstance(state_keys, list) or len(state_keys) != len(pids):
+            raise ValueError(f"state_dict's {STATE_DICT_ENTRY!r} entry does not list the state keys of every parameter")
+        saved_state, state = state_dict["state"], {}
+        for pid, keys in zip(pids, state_keys):
+            missing = set(keys) - set(saved_state.get(pid, {}))
+            if missing:
+                raise ValueError(
+                    f"state_dict lacks the state {sorted(missing)} of parameter {pid!r}, which the saved optimizer "
+                    "had: with torch.distributed.checkpoint, load into the output of get_optimizer_state_dict"
+                )
+            if pid in saved_state:
+                state[pid] = {k: v for k, v in saved_state[pid].items() if k in keys}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict from ``state_dict()`` (or torch.optim.SGD's, for FusedSGD).
@@ -342,6 +494,14 @@ class AutoLROptimizer(torch.optim.Optimizer):
         raises ValueError and leaves the optimizer as it was. ``skip_nonfinite``
         and ``backend`` are settings of this object and stay as constructed.
         """
+        entry: dict[str, Any] = {}
+        if not self._torch_layout:
+            entry, state_dict = self._saved_entry(state_dict)
+        elif any(isinstance(g, dict) and STATE_DICT_ENTRY in g for g in state_dict.get("param_groups", ())):
+            raise ValueError(
+                f"state_dict holds the controller state of another autolr_fused optimizer; {type(self).__name__} "
+                "loads torch.optim.SGD's state_dicts"
+            )
         check_state_dict(
             state_dict,
             self.param_groups,
@@ -351,20 +511,15 @@ class AutoLROptimizer(torch.optim.Optimizer):
             required_group_keys=tuple(self.defaults),
             owner=type(self).__name__,
         )
+        if entry:
+            state_dict = {**state_dict, "state": self._saved_state_keys(state_dict, entry["state_keys"])}
         for saved in state_dict["param_groups"]:
             # Adapted lrs may be any finite number (hypergradient descent can take one below 0): the check
             # above read them as finite; the rest of the group must pass the constructor's checks.
             self._check_group({**self.defaults, **saved, "lr": 0.0})
         expected = self._initial_controller_state(self.defaults)
-        saved_controller = state_dict.get("controller", {} if not expected else None)
-        if saved_controller is None:
-            # torch.distributed.checkpoint.state_dict's get_optimizer_state_dict keeps only these two keys.
-            raise ValueError(
-                f"state_dict has no 'controller' entry, which {type(self).__name__} needs; a state_dict from "
-                "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict lacks it: checkpoint "
-                "optimizer.state_dict() itself (torch.distributed.checkpoint.save works with it)"
-            )
-        if set(saved_controller) != set(expected):
+        saved_controller = entry.get("controller", {})
+        if not isinstance(saved_controller, dict) or set(saved_controller) != set(expected):
             raise ValueError(
                 f"state_dict does not hold this {type(self).__name__}'s controller state "
                 f"(expected keys {sorted(expected)}, got {sorted(saved_controller)}); "
@@ -389,8 +544,13 @@ class AutoLROptimizer(torch.optim.Optimizer):
                 self._lr_tensor(group)
         self._controller = copy.deepcopy(saved_controller) if expected else {}
         self._flat_cache = None
+        self.__dict__.pop("_snapshots_taken", None)
         device = self._device()
-        self._statistics = {k: v.detach().to(device).clone() for k, v in state_dict.get("statistics", {}).items()}
+        self._statistics = {
+            key: torch.tensor(values, dtype=getattr(torch, dtype), device=device).reshape(shape)
+            for key, values, shape, dtype in entry.get("statistics", [])
+        }
+        self._template_state = bool(entry.get("template_state", False))
 
     # ------------------------------------------------------------------ stats
     def stats(self, per_tensor: bool = False) -> dict[str, float]:

@@ -202,6 +202,8 @@ class FusedSGD(SGDDirectionOptimizer):
     Extra memory per parameter: one momentum buffer when ``momentum != 0``.
     """
 
+    _torch_layout = True
+
     def __init__(
         self,
         params: Iterable,

@@ -31,6 +31,8 @@ class FusedSGDL(FusedSGD):
     Extra memory per parameter: none (one momentum buffer if momentum is set).
     """
 
+    _torch_layout = False  # its state_dict carries the anneal's counters
+
     def __init__(
         self,
         params: Iterable,

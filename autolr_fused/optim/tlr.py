@@ -103,6 +103,9 @@ class FusedTLR(SGDDirectionOptimizer):
     def _initial_controller_state(self, defaults: dict[str, Any]) -> dict[str, Any]:
         return {"step": 0, "step_in_window": 0, "windows": 0}
 
+    def _late_state_keys(self) -> dict[str, torch.dtype | None]:
+        return {"prev_update": None} if self.defaults["steps_per_epoch"] is not None else {}  # window mode
+
     # ------------------------------------------------------------------ helpers
     def _lrs(self, group: dict[str, Any], params: list[Tensor]) -> Tensor:
         """The lrs ``params`` are updated with, as the primitives take them (per layer: one per tensor)."""
