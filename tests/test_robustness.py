@@ -465,6 +465,17 @@ def test_state_dict_of_another_optimizer_or_mode_is_refused(target):
     assert_unchanged(opt, params, saved)
 
 
+@pytest.mark.parametrize("source", [name for name in OPTIMIZERS if name != "FusedSGD"])
+def test_a_state_dict_taken_before_the_first_step_fits_only_its_own_class(source):
+    """Before any step an autolr optimizer's state_dict has no state, but its entry still tells it apart."""
+    fresh = OPTIMIZERS[source][0](small_params(1)).state_dict()
+    opt, params = _trained("FusedSGD")
+    saved = snapshot(opt, params)
+    with pytest.raises(ValueError, match="another autolr_fused optimizer"):
+        opt.load_state_dict(fresh)
+    assert_unchanged(opt, params, saved)
+
+
 def test_rdbd_state_that_lacks_part_of_a_bundle_is_refused():
     opt, params = _trained("FusedRDBD-sgd")
     sd = copy.deepcopy(opt.state_dict())
