@@ -215,6 +215,73 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one_lrs, two_lrs)
 
 
+# csrc/cpu/multi_tensor_cpu.h's kStreamBytes: a cpu call whose parameter-sized tensors take more bytes writes the
+# arrays it does not read (stored gradients or directions) with streaming stores, a smaller one with plain stores.
+STREAM_BYTES = 16 * 2**20
+# Lengths that leave heads and tails around the 16-byte streaming stores, one past a chunk (32768 elements), and a
+# filler that lifts the call past STREAM_BYTES at every dtype.
+STREAM_LENGTHS = [1, 7, 33, 517, 1031, 32773, 2**22 + 3]
+
+
+def _offset_tensors(dtype: torch.dtype, seed: int, positive: bool = False) -> list[torch.Tensor]:
+    """One tensor per length of STREAM_LENGTHS, each a view at storage offset 0 to 3 (unaligned from 1 on)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(STREAM_LENGTHS):
+        offset = (seed + i) % 4
+        base = torch.randn(n + offset, generator=g)
+        out.append((base.abs() if positive else base).to(dtype)[offset:])
+    return out
+
+
+def _pieces(lists: list[list[torch.Tensor]], size: int = 2**18) -> list[list[list[torch.Tensor]]]:
+    """The same tensors as calls of at most ``size`` elements each (views, so the calls write into them)."""
+    calls = []
+    for i, n in enumerate(STREAM_LENGTHS):
+        for begin in range(0, n, size):
+            calls.append([[t[i][begin : begin + size]] for t in lists])
+    return calls
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="the cpu extension is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("op", ["sgd_regularized_momentum", "sgd_direction", "adam"])
+def test_cpu_streaming_stores_write_what_plain_stores_write(op, dtype):
+    """A call past STREAM_BYTES (streaming stores) stores the same bits as the same tensors in small calls.
+
+    The stored gradient or direction is written without being read, with streaming stores from the first 16-byte
+    aligned element on; unaligned views and odd lengths check the heads and tails around them.
+    """
+    from autolr_fused.backends import cpu
+    from autolr_fused.directions import AdamConfig, SGDConfig
+
+    adam = op == "adam"
+    lists = [_offset_tensors(dtype, seed, positive=(adam and seed == 3)) for seed in range(5 if adam else 4)]
+    twins = [[t.clone() for t in list_] for list_ in lists]
+    assert sum(t.numel() * t.element_size() for list_ in lists for t in list_) > STREAM_BYTES
+
+    def call(tensors: list[list[torch.Tensor]]) -> None:
+        if adam:
+            p, g, m, v, prev = tensors
+            cpu.adam_step(p, g, m, v, 1e-3, AdamConfig(weight_decay=1e-2), step=3, prevs=prev)
+        elif op == "sgd_direction":
+            p, g, _, prev = tensors
+            cpu.sgd_step(p, g, [], 0.05, SGDConfig(weight_decay=1e-2), prevs=prev, store="direction")
+        else:
+            p, g, buf, prev = tensors
+            cfg = SGDConfig(momentum=0.9, nesterov=True, weight_decay=1e-2)
+            cpu.sgd_step(p, g, buf, 0.05, cfg, prevs=prev, store="regularized", grad_scale=torch.tensor([4.0]))
+
+    call(lists)
+    for piece in _pieces(twins):
+        assert sum(t.numel() * t.element_size() for list_ in piece for t in list_) <= STREAM_BYTES
+        call(piece)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for k, (list_, twin) in enumerate(zip(lists, twins)):
+        for i, (a, b) in enumerate(zip(list_, twin)):
+            assert torch.equal(a.view(bits), b.view(bits)), f"list {k}, length {STREAM_LENGTHS[i]}"
+
+
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
 @pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop"])

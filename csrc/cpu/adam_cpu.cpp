@@ -1,7 +1,8 @@
 // CPU implementations of adam_step and adam_reduce (schemas: csrc/bindings.cpp).
 //
 // adam_step    reads params, grads, exp_avgs, exp_avg_sqs, prevs (regret); writes params, exp_avgs,
-//              exp_avg_sqs and prevs (this step's direction d, when prevs is given).
+//              exp_avg_sqs and prevs (this step's direction d, when prevs is given; with streaming
+//              stores in a large call without regret, as nothing reads them then).
 // adam_reduce  reads params (coupled weight decay), grads, exp_avgs, exp_avg_sqs, prevs; returns the
 //              (n, 2) statistics <d, prev>, ||d||^2 and writes nothing.
 #include <torch/library.h>
@@ -63,6 +64,7 @@ struct Args {
   PerTensor lrs;
   const float* regrets = nullptr;
   float decoupled_weight_decay = 0.0f;  // AdamW's wd, 0 for Adam
+  bool stream_prevs = false;  // adam_step stores prevs with streaming stores (multi_tensor_cpu.h)
 };
 
 using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, double* sums);
@@ -78,19 +80,34 @@ void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, doubl
   const float lr = a.lrs.at(t);
   const float keep = 1.0f - lr * a.decoupled_weight_decay;  // exactly 1 without AdamW's decay
   const float rd = kRegret ? a.regrets[t] : 0.0f;
+  // Without a regret, prev is written but not read by this pass: a streaming call stages a block's
+  // directions in L1 and streams them out after the block.
+  constexpr bool kWriteOnly = kStore && !kRegret;
+  const bool stream = kWriteOnly && a.stream_prevs;
   with_flag(e.coupled_weight_decay, [&](auto coupled) {
-    AUTOLR_FUSED_NO_ALIAS
-    for (int64_t i = begin; i < end; ++i) {
-      float pi = static_cast<float>(p[i]);
-      const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
-      const float mi = e.first_moment(static_cast<float>(m[i]), x);
-      const float vi = e.second_moment(static_cast<float>(v[i]), x);
-      const float d = e.direction(mi, vi);
-      if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
-      p[i] = static_cast<T>(madd(-lr, d, pi * keep));
-      m[i] = static_cast<T>(mi);
-      v[i] = static_cast<T>(vi);
-      if constexpr (kStore) prev[i] = static_cast<T>(d);
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t n = std::min(kBlock, end - block);
+      alignas(16) T staged[kWriteOnly ? kBlock : 1];
+      T* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
+      AUTOLR_FUSED_NO_ALIAS
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = block + j;
+        float pi = static_cast<float>(p[i]);
+        const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
+        const float mi = e.first_moment(static_cast<float>(m[i]), x);
+        const float vi = e.second_moment(static_cast<float>(v[i]), x);
+        const float d = e.direction(mi, vi);
+        if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
+        p[i] = static_cast<T>(madd(-lr, d, pi * keep));
+        m[i] = static_cast<T>(mi);
+        v[i] = static_cast<T>(vi);
+        if constexpr (kWriteOnly) {
+          out[j] = static_cast<T>(d);
+        } else if constexpr (kStore) {
+          prev[i] = static_cast<T>(d);
+        }
+      }
+      if (stream) stream_copy(prev + block, staged, n);
     }
   });
 }
@@ -157,6 +174,8 @@ void adam_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::Tensor
   args.lrs = per_tensor(lr, lr_value);
   args.regrets = regret ? regret->data_ptr<float>() : nullptr;
   args.decoupled_weight_decay = decoupled_weight_decay ? h.weight_decay : 0.0f;
+  args.stream_prevs = streams(bytes_of(work) + bytes_of(grads_in.vec()) + bytes_of(exp_avgs_in.vec()) +
+                              bytes_of(exp_avg_sqs_in.vec()) + bytes_of(prevs_in.vec()));
   const bool has_regret = regret.has_value();
   run_chunks(work, args, 0, [&](auto tag) -> Range {
     using T = typename decltype(tag)::type;

@@ -1,7 +1,8 @@
 // CPU implementations of sgd_step, sgd_reduce and boundary_pass (schemas: csrc/bindings.cpp).
 //
 // sgd_step     reads params, grads, buffers (momentum), prevs (regret); writes params, buffers,
-//              prevs (store); with a boundary it also reads and writes snapshots and
+//              prevs (store; with streaming stores in a large call without regret, as nothing reads
+//              them then); with a boundary it also reads and writes snapshots and
 //              prev_displacements and accumulates float32 accumulators: one pass over memory.
 // sgd_reduce   reads params (weight decay), grads, buffers (momentum direction), prevs; writes
 //              nothing but the (n, 2) statistics <a, prev>, ||a||^2 of the regularized gradient
@@ -58,6 +59,7 @@ struct Args {
   PerTensor lrs;
   const float* regrets = nullptr;
   BoundaryArgs boundary;
+  bool stream_prevs = false;  // sgd_step stores prevs with streaming stores (multi_tensor_cpu.h)
 };
 
 using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, double* sums);
@@ -93,9 +95,15 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
   const float rd = kRegret ? a.regrets[t] : 0.0f;
   const float scale = kBoundary ? a.boundary.scale.at(t) : 1.0f;
   const float weight = a.boundary.accumulate_weight;
+  // Without a regret, prev is written but not read by this pass: a streaming call stages a block's
+  // stored values in L1 and streams them out after the block.
+  constexpr bool kWriteOnly = kStore != 0 && !kRegret;
+  const bool stream = kWriteOnly && a.stream_prevs;
   with_flag(z != nullptr, [&](auto accumulate) {
     for (int64_t block = begin; block < end; block += kBlock) {
       float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
+      alignas(16) T staged[kWriteOnly ? kBlock : 1];
+      T* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
       for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
         const int64_t i = block + j;
         float pi = static_cast<float>(p[i]);
@@ -109,8 +117,14 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
         if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
         const T stored = static_cast<T>(madd(neg_lr, d, pi));
         p[i] = stored;
-        if constexpr (kStore == 1) prev[i] = static_cast<T>(r);
-        if constexpr (kStore == 2) prev[i] = static_cast<T>(d);
+        if constexpr (kStore != 0) {
+          const T stored_prev = static_cast<T>(kStore == 1 ? r : d);
+          if constexpr (kWriteOnly) {
+            out[j] = stored_prev;
+          } else {
+            prev[i] = stored_prev;
+          }
+        }
         if constexpr (kBoundary) {
           float* zi = accumulate() ? z + i : nullptr;
           boundary_element<T, accumulate()>(stored, snap[i], disp[i], zi, scale, weight, dot[k], uu[k], qq[k]);
@@ -121,6 +135,7 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
         flush(uu, sums[1]);
         flush(qq, sums[2]);
       }
+      if (stream) stream_copy(prev + block, staged, std::min(kBlock, end - block));
     }
   });
 }
@@ -249,6 +264,9 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
   Args args = sgd_args(h, grad_scale, aligner, grads_in, buffers_in, prevs_in, true);
   args.lrs = per_tensor(lr, lr_value);
   args.regrets = has_regret ? regret->data_ptr<float>() : nullptr;
+  args.stream_prevs = streams(bytes_of(work) + bytes_of(grads_in.vec()) + bytes_of(buffers_in.vec()) +
+                              bytes_of(prevs_in.vec()) + bytes_of(snapshots_in.vec()) +
+                              bytes_of(prev_displacements_in.vec()) + bytes_of(accumulators_in.vec()));
   args.boundary = boundary_args(aligner.align(snapshots_in.vec(), true),
                                 aligner.align(prev_displacements_in.vec(), true), scale,
                                 aligner.align(accumulators_in.vec(), true), accumulate_weight);
