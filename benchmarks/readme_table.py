@@ -1,6 +1,6 @@
 """Print the README's benchmark table (markdown) from a `python -m autolr_fused.bench` JSON file.
 
-    python benchmarks/readme_table.py benchmarks/results/cpu-2core-x86.json
+python benchmarks/readme_table.py benchmarks/results/cpu-2core-x86.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def table(path: str) -> str:
     head = "| method | backend | " + " | ".join(f"{s}: x fused SGD bandwidth | {s}: x reference" for s in sets) + " |"
     lines = [
         f"{result['device']}, torch {result['torch']}, commit {result['commit'][:10]}, "
-        f"median of {result['steps']} steps after {result['warmup']} warm-up steps, float32:",
+        f"median of {result['steps']} steps after {result['warmup']} warm-up steps, float32"
+        + (", each step timed alternately with a torch fused SGD step" if "timing" in result else "")
+        + ":",
         "",
         head,
         "|" + "---|" * (2 + 2 * len(sets)),

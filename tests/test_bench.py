@@ -41,16 +41,35 @@ def test_bench_command_writes_table_and_json(tmp_path):
     )  # fmt: skip
     assert "FusedTLR-step" in proc.stdout and "x fused SGD" in proc.stdout
     result = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "rows"} <= set(result)
+    assert {"device", "torch", "commit", "rows", "yardstick"} <= set(result)
+    assert result["yardstick"] == {"tiny": "torch-SGD-fused"}
     rows = result["rows"]
     backends = [b for b in available_backends() if b in ("reference", "cpu")]
     assert {(r["method"], r["backend"]) for r in rows} >= {("FusedTLR-step", b) for b in backends}
     fused = [r for r in rows if r["method"] == "torch-SGD-fused"]
-    assert len(fused) == 1 and abs(fused[0]["vs_torch_fused_sgd"] - 1.0) < 1e-12
+    assert len(fused) == 1
+    yard_bytes = fused[0]["bytes_per_step"]  # the yardstick is the same torch SGD on as many elements
     for r in rows:
-        assert r["median_ms"] > 0 and r["gb_per_s"] > 0
+        assert r["median_ms"] > 0 and r["gb_per_s"] > 0 and r["yardstick_ms"] > 0
+        # Paired ratios: over the yardstick median timed beside each row, not over another row.
+        expected = (r["bytes_per_step"] / r["median_ms"]) / (yard_bytes / r["yardstick_ms"])
+        assert r["vs_torch_fused_sgd"] == pytest.approx(expected, rel=1e-12)
         if r["backend"] not in ("reference", "torch", "peer"):
-            assert r["speedup_vs_reference"] > 0
+            ref = next(x for x in rows if x["method"] == r["method"] and x["backend"] == "reference")
+            expected = (ref["median_ms"] / ref["yardstick_ms"]) / (r["median_ms"] / r["yardstick_ms"])
+            assert r["speedup_vs_reference"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_paired_timing_alternates_the_two_steps():
+    """time_paired calls the method and the yardstick in turn, warm-up included, and times each call."""
+    from autolr_fused.bench.run import time_paired
+
+    calls = []
+    method, yard = time_paired(
+        lambda: calls.append("m"), lambda: calls.append("y"), torch.device("cpu"), warmup=2, steps=3
+    )
+    assert calls == ["m", "y"] * 5
+    assert method >= 0 and yard >= 0
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

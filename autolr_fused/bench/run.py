@@ -10,6 +10,13 @@ It reports the median step time over ``--steps`` timed steps after
 time), its ratio to torch's fused SGD (and, on a GPU, to a large copy), and
 each kernel backend's speed-up over the reference backend. It prints a table
 and writes JSON (device, torch version, commit, rows) for scripts.
+
+The ratios are paired: every timed step of a method alternates with a step of
+torch's fused SGD (momentum 0.9) on a tensor set of its own, and a row's
+ratios divide by the yardstick medians timed beside it, so that a machine
+that slows down or speeds up during the run (a shared one does) moves both
+sides of each ratio alike. Where torch has no fused SGD for the device and
+dtype, its foreach SGD is the yardstick instead (the JSON says which).
 """
 
 from __future__ import annotations
@@ -122,7 +129,8 @@ class Row:
     gb_per_s: float
     vs_torch_fused_sgd: float = float("nan")  # effective bandwidth / torch fused SGD's
     vs_copy: float = float("nan")  # effective bandwidth / copy bandwidth (GPU)
-    speedup_vs_reference: float = float("nan")  # reference step time / this step time
+    speedup_vs_reference: float = float("nan")  # reference step time / this step time (both over their yardstick)
+    yardstick_ms: float = float("nan")  # the median yardstick step timed alternately with this method's
 
 
 def _sync(device: torch.device) -> None:
@@ -130,25 +138,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``step`` (on a GPU, of the work it queued, by events)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
     """Median seconds of one call of ``step`` over ``steps`` timed calls after ``warmup`` calls."""
+    return time_paired(step, None, device, warmup, steps)[0]
+
+
+def time_paired(
+    step: Callable[[], Any], yardstick: Callable[[], Any] | None, device: torch.device, warmup: int, steps: int
+) -> tuple[float, float]:
+    """Median seconds of ``step`` and of ``yardstick``, their timed calls alternating (see the module docstring)."""
     for _ in range(warmup):
         step()
+        if yardstick is not None:
+            yardstick()
     _sync(device)
-    times = []
+    times: list[float] = []
+    yard_times: list[float] = []
     for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(_seconds(step, device))
+        if yardstick is not None:
+            yard_times.append(_seconds(yardstick, device))
+    return statistics.median(times), statistics.median(yard_times) if yard_times else float("nan")
+
+
+def make_yardstick(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> tuple[str, Any]:
+    """torch.optim.SGD(momentum=0.9) on its own tensors, fused where torch has it for ``device`` and ``dtype``."""
+    params = make_tensors(shapes, dtype, device)
+    for name in ("torch-SGD-fused", "torch-SGD-foreach"):
+        try:
+            opt = _peers()[name].factory(params, "torch")
+            opt.step()  # torch refuses a fused SGD on a device it lacks only at the first step
+            return name, opt
+        except (RuntimeError, ValueError, TypeError):
+            continue
+    raise RuntimeError(f"no torch SGD yardstick runs on {device} with {dtype}")
 
 
 def make_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -177,11 +214,13 @@ def bench_set(
     backends: list[str],
     warmup: int,
     steps: int,
-) -> list[Row]:
+) -> tuple[list[Row], str]:
     shapes = PARAM_SETS[name]()
     elements = numel(shapes)
     element_size = torch.empty((), dtype=dtype).element_size()
     table = {**_peers(), **METHODS}
+    yardstick_name, yardstick = make_yardstick(shapes, dtype, device)
+    yardstick_bytes = table[yardstick_name].units * element_size * elements
     rows = []
     for method in methods:
         spec = table[method]
@@ -192,7 +231,7 @@ def bench_set(
             except (RuntimeError, ValueError, TypeError) as err:  # e.g. torch's fused SGD on a dtype/device it lacks
                 print(f"  skipped {method} [{backend}]: {err}", file=sys.stderr)
                 continue
-            seconds = time_steps(opt.step, device, warmup, steps)
+            seconds, yard_seconds = time_paired(opt.step, yardstick.step, device, warmup, steps)
             total_bytes = spec.units * element_size * elements
             rows.append(
                 Row(
@@ -206,17 +245,18 @@ def bench_set(
                     seconds * 1e3,
                     total_bytes,
                     total_bytes / seconds / 1e9,
+                    vs_torch_fused_sgd=(total_bytes / seconds) / (yardstick_bytes / yard_seconds),
+                    yardstick_ms=yard_seconds * 1e3,
                 )
             )
             del opt, params
-    fused = [r for r in rows if r.method == "torch-SGD-fused"]
+    del yardstick
     for r in rows:
-        if fused:
-            r.vs_torch_fused_sgd = r.gb_per_s / fused[0].gb_per_s
         reference = [x for x in rows if x.method == r.method and x.backend == "reference"]
         if reference and r.backend not in ("reference", "torch", "peer"):
-            r.speedup_vs_reference = reference[0].median_ms / r.median_ms
-    return rows
+            ref = reference[0]
+            r.speedup_vs_reference = (ref.median_ms / ref.yardstick_ms) / (r.median_ms / r.yardstick_ms)
+    return rows, yardstick_name
 
 
 def _commit() -> str:
@@ -272,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
     copy_bw = copy_bandwidth(device, dtype) if device.type == "cuda" else float("nan")
     rows: list[Row] = []
+    yardsticks: dict[str, str] = {}
     for name in sets:
-        set_rows = bench_set(name, device, dtype, methods, backends, args.warmup, args.steps)
+        set_rows, yardstick_name = bench_set(name, device, dtype, methods, backends, args.warmup, args.steps)
+        yardsticks[name] = yardstick_name
         for r in set_rows:
             r.vs_copy = r.gb_per_s * 1e9 / copy_bw
         rows += set_rows
@@ -289,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "copy_gb_per_s": copy_bw / 1e9 if copy_bw == copy_bw else None,
         "warmup": args.warmup,
         "steps": args.steps,
+        "timing": "paired: each timed step alternates with a yardstick step; ratios over the yardstick beside them",
+        "yardstick": yardsticks,
         "rows": [asdict(r) for r in rows],
     }
     with open(args.out, "w") as f:
