@@ -282,6 +282,35 @@ def test_cpu_streaming_stores_write_what_plain_stores_write(op, dtype):
             assert torch.equal(a.view(bits), b.view(bits)), f"list {k}, length {STREAM_LENGTHS[i]}"
 
 
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="the cpu extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_16_bit_conversions_equal_torchs_for_every_value(dtype):
+    """The cpu kernels convert bfloat16/float16 on their bits (csrc/cpu/multi_tensor_cpu.h, so that the loops
+    vectorise). Widening is exact for all 65536 values; narrowing rounds as torch does (to nearest, ties to
+    even, float16 subnormals, overflow to infinity), bit for bit, for every value times factors that make
+    ties (3), subnormals (1e-3, 2^-20), overflow (1e4, 3e30) and arbitrary mantissas (0.7). NaN only has to
+    stay NaN (torch keeps a payload, the kernels write a canonical NaN)."""
+    from autolr_fused.backends import cpu
+    from autolr_fused.directions import SGDConfig
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = ~every.float().isnan()
+    # An sgd_step at lr 0 with a zero gradient widens each parameter and narrows it back.
+    p = every.clone()
+    cpu.sgd_step([p], [torch.zeros_like(p)], [], 0.0, SGDConfig())
+    assert torch.equal(p[finite].view(torch.int16), every[finite].view(torch.int16))
+    assert p[~finite].float().isnan().all()
+
+    g = every[finite].clone()
+    for factor in (3.0, 0.7, 1e-3, 2.0**-20, 1e4, 3e30):
+        scale = torch.tensor([1.0 / factor], dtype=torch.float32)
+        prev = torch.empty_like(g)
+        # store="regularized" writes r = g * (1 / scale) (float32, as the kernel divides), rounded to the dtype.
+        cpu.sgd_step([g.clone()], [g], [], 0.0, SGDConfig(), prevs=[prev], store="regularized", grad_scale=scale)
+        expected = (g.float() * (1.0 / scale)).to(dtype)
+        assert torch.equal(prev.view(torch.int16), expected.view(torch.int16)), factor
+
+
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is available in this build")
 @pytest.mark.parametrize("backend", KERNEL_BACKEND_PARAMS)
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "tlr_step_layer", "rdbd_adam", "autodrop"])

@@ -71,11 +71,11 @@ using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, 
 
 template <typename T, bool kRegret, bool kStore>
 void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double*) {
-  T* __restrict__ p = static_cast<T*>(a.params[t]);
-  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
-  T* __restrict__ m = static_cast<T*>(a.exp_avgs[t]);
-  T* __restrict__ v = static_cast<T*>(a.exp_avg_sqs[t]);
-  T* __restrict__ prev = (kRegret || kStore) ? static_cast<T*>(a.prevs[t]) : nullptr;
+  raw_t<T>* __restrict__ p = static_cast<raw_t<T>*>(a.params[t]);
+  const raw_t<T>* __restrict__ g = static_cast<const raw_t<T>*>(a.grads[t]);
+  raw_t<T>* __restrict__ m = static_cast<raw_t<T>*>(a.exp_avgs[t]);
+  raw_t<T>* __restrict__ v = static_cast<raw_t<T>*>(a.exp_avg_sqs[t]);
+  raw_t<T>* __restrict__ prev = (kRegret || kStore) ? static_cast<raw_t<T>*>(a.prevs[t]) : nullptr;
   const AdamElement e = a.e;
   const float lr = a.lrs.at(t);
   const float keep = 1.0f - lr * a.decoupled_weight_decay;  // exactly 1 without AdamW's decay
@@ -87,24 +87,24 @@ void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, doubl
   with_flag(e.coupled_weight_decay, [&](auto coupled) {
     for (int64_t block = begin; block < end; block += kBlock) {
       const int64_t n = std::min(kBlock, end - block);
-      alignas(16) T staged[kWriteOnly ? kBlock : 1];
-      T* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
+      alignas(16) raw_t<T> staged[kWriteOnly ? kBlock : 1];
+      raw_t<T>* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
       AUTOLR_FUSED_NO_ALIAS
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = block + j;
-        float pi = static_cast<float>(p[i]);
-        const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
-        const float mi = e.first_moment(static_cast<float>(m[i]), x);
-        const float vi = e.second_moment(static_cast<float>(v[i]), x);
+        float pi = to_f32<T>(p[i]);
+        const float x = e.template gradient<coupled()>(to_f32<T>(g[i]), pi);
+        const float mi = e.first_moment(to_f32<T>(m[i]), x);
+        const float vi = e.second_moment(to_f32<T>(v[i]), x);
         const float d = e.direction(mi, vi);
-        if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
-        p[i] = static_cast<T>(madd(-lr, d, pi * keep));
-        m[i] = static_cast<T>(mi);
-        v[i] = static_cast<T>(vi);
+        if constexpr (kRegret) pi = madd(to_f32<T>(prev[i]), rd, pi);
+        p[i] = from_f32<T>(madd(-lr, d, pi * keep));
+        m[i] = from_f32<T>(mi);
+        v[i] = from_f32<T>(vi);
         if constexpr (kWriteOnly) {
-          out[j] = static_cast<T>(d);
+          out[j] = from_f32<T>(d);
         } else if constexpr (kStore) {
-          prev[i] = static_cast<T>(d);
+          prev[i] = from_f32<T>(d);
         }
       }
       if (stream) stream_copy(prev + block, staged, n);
@@ -114,22 +114,22 @@ void adam_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, doubl
 
 template <typename T>
 void adam_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
-  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
-  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
-  const T* __restrict__ m = static_cast<const T*>(a.exp_avgs[t]);
-  const T* __restrict__ v = static_cast<const T*>(a.exp_avg_sqs[t]);
-  const T* __restrict__ prev = static_cast<const T*>(a.prevs[t]);
+  const raw_t<T>* __restrict__ p = static_cast<const raw_t<T>*>(a.params[t]);
+  const raw_t<T>* __restrict__ g = static_cast<const raw_t<T>*>(a.grads[t]);
+  const raw_t<T>* __restrict__ m = static_cast<const raw_t<T>*>(a.exp_avgs[t]);
+  const raw_t<T>* __restrict__ v = static_cast<const raw_t<T>*>(a.exp_avg_sqs[t]);
+  const raw_t<T>* __restrict__ prev = static_cast<const raw_t<T>*>(a.prevs[t]);
   const AdamElement e = a.e;
   with_flag(e.coupled_weight_decay, [&](auto coupled) {
     for (int64_t block = begin; block < end; block += kBlock) {
       float dot[kLanes] = {0}, nrm[kLanes] = {0};
       for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
         const int64_t i = block + j;
-        const float pi = coupled() ? static_cast<float>(p[i]) : 0.0f;  // read only with coupled weight decay
-        const float x = e.template gradient<coupled()>(static_cast<float>(g[i]), pi);
+        const float pi = coupled() ? to_f32<T>(p[i]) : 0.0f;  // read only with coupled weight decay
+        const float x = e.template gradient<coupled()>(to_f32<T>(g[i]), pi);
         const float d =
-            e.direction(e.first_moment(static_cast<float>(m[i]), x), e.second_moment(static_cast<float>(v[i]), x));
-        const float q = static_cast<float>(prev[i]);
+            e.direction(e.first_moment(to_f32<T>(m[i]), x), e.second_moment(to_f32<T>(v[i]), x));
+        const float q = to_f32<T>(prev[i]);
         dot[k] += d * q;
         nrm[k] += d * d;
       });

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -32,6 +33,76 @@ namespace cpu {
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kBlock = 512;
 constexpr int64_t kLanes = 16;
+
+// The element loops see a tensor's storage as raw_t<T>: float, or the uint16_t bits of a bfloat16 or
+// float16, converted by to_f32<T> and from_f32<T> below, which work on the bits. gcc vectorises neither
+// copies of c10's 16-bit structs (aggregate copies) nor their conversion operators (calls or scalar
+// intrinsics to it): a bfloat16 loop written with them ran at a ninth of a float32 one. The results
+// equal c10's (and ATen's) for every finite value and infinity: widening is exact, narrowing rounds to
+// nearest, ties to even, with overflow to infinity and float16 subnormals; a NaN stays a NaN.
+template <typename T>
+struct Storage {
+  using type = float;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = uint16_t;
+};
+template <>
+struct Storage<c10::Half> {
+  using type = uint16_t;
+};
+template <typename T>
+using raw_t = typename Storage<T>::type;
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+template <typename T>
+inline float to_f32(raw_t<T> x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bits_to_float(uint32_t{x} << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const uint32_t h = x, sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    // Normal: rebias the exponent (15 -> 127). All ones: infinity or NaN. Zero: mantissa * 2^-24.
+    const uint32_t normal = ((exponent + 112u) << 23) | (mantissa << 13);
+    const uint32_t special = 0x7F800000u | (mantissa << 13);
+    const uint32_t subnormal = float_to_bits(static_cast<float>(static_cast<int32_t>(mantissa)) * 0x1p-24f);
+    return bits_to_float(sign | (exponent == 0x1Fu ? special : exponent == 0 ? subnormal : normal));
+  } else {
+    return x;
+  }
+}
+
+template <typename T>
+inline raw_t<T> from_f32(float f) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = float_to_bits(f);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // ties to even; carries reach inf
+    return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN: c10's
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    // From 2^-14 on: rebias the exponent (127 -> 15) and round the 13 dropped bits, ties to even.
+    const uint32_t normal = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    // Below: the float unit rounds |f| into 0.5 + k * 2^-24 (the ulp at 0.5), k the subnormal's bits
+    // (k = 1024 is 2^-14, the smallest normal, whose bits are the same).
+    const uint32_t subnormal = float_to_bits(bits_to_float(a) + 0.5f) - 0x3F000000u;
+    uint32_t h = a < 0x38800000u ? subnormal : normal;
+    h = a >= 0x477FF000u ? 0x7C00u : h;  // 65520 and up round to infinity
+    h = a > 0x7F800000u ? 0x7E00u : h;   // NaN
+    return static_cast<uint16_t>(sign | h);
+  } else {
+    return f;
+  }
+}
 
 // Non-temporal ("streaming") stores, for an array a pass writes without reading (the stored gradient
 // or direction of TLR's step mode and SGD-HD). An ordinary store to a line that is not in cache first

@@ -68,27 +68,27 @@ using Range = void (*)(const Args&, int64_t tensor, int64_t begin, int64_t end, 
 // so the division changes nothing then and the loop has no branch); the three statistics; prev = u;
 // snapshot = p; with kAccumulate, z += weight * p.
 template <typename T, bool kAccumulate>
-inline void boundary_element(T stored, T& snap, T& prev, float* z, float scale, float weight, float& dot, float& uu,
+inline void boundary_element(raw_t<T> stored, raw_t<T>& snap, raw_t<T>& prev, float* z, float scale, float weight, float& dot, float& uu,
                              float& qq) {
-  const float p = static_cast<float>(stored);
-  const float u = (p - static_cast<float>(snap)) / scale;
-  const float q = static_cast<float>(prev);
+  const float p = to_f32<T>(stored);
+  const float u = (p - to_f32<T>(snap)) / scale;
+  const float q = to_f32<T>(prev);
   dot += u * q;
   uu += u * u;
   qq += q * q;
-  prev = static_cast<T>(u);
+  prev = from_f32<T>(u);
   snap = stored;
   if constexpr (kAccumulate) *z = madd(weight, p, *z);
 }
 
 template <typename T, bool kMomentum, int kStore, bool kRegret, bool kBoundary>
 void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
-  T* __restrict__ p = static_cast<T*>(a.params[t]);
-  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
-  T* __restrict__ buf = kMomentum ? static_cast<T*>(a.buffers[t]) : nullptr;
-  T* __restrict__ prev = (kStore != 0 || kRegret) ? static_cast<T*>(a.prevs[t]) : nullptr;
-  T* __restrict__ snap = kBoundary ? static_cast<T*>(a.boundary.snapshots[t]) : nullptr;
-  T* __restrict__ disp = kBoundary ? static_cast<T*>(a.boundary.prev_displacements[t]) : nullptr;
+  raw_t<T>* __restrict__ p = static_cast<raw_t<T>*>(a.params[t]);
+  const raw_t<T>* __restrict__ g = static_cast<const raw_t<T>*>(a.grads[t]);
+  raw_t<T>* __restrict__ buf = kMomentum ? static_cast<raw_t<T>*>(a.buffers[t]) : nullptr;
+  raw_t<T>* __restrict__ prev = (kStore != 0 || kRegret) ? static_cast<raw_t<T>*>(a.prevs[t]) : nullptr;
+  raw_t<T>* __restrict__ snap = kBoundary ? static_cast<raw_t<T>*>(a.boundary.snapshots[t]) : nullptr;
+  raw_t<T>* __restrict__ disp = kBoundary ? static_cast<raw_t<T>*>(a.boundary.prev_displacements[t]) : nullptr;
   float* __restrict__ z = kBoundary && !a.boundary.accumulators.empty() ? a.boundary.accumulators[t] : nullptr;
   const SgdElement e = a.e;
   const float neg_lr = -a.lrs.at(t);
@@ -102,23 +102,25 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
   with_flag(z != nullptr, [&](auto accumulate) {
     for (int64_t block = begin; block < end; block += kBlock) {
       float dot[kLanes] = {0}, uu[kLanes] = {0}, qq[kLanes] = {0};
-      alignas(16) T staged[kWriteOnly ? kBlock : 1];
-      T* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
+      alignas(16) raw_t<T> staged[kWriteOnly ? kBlock : 1];
+      raw_t<T>* __restrict__ out = kWriteOnly ? (stream ? staged : prev + block) : nullptr;
       for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
         const int64_t i = block + j;
-        float pi = static_cast<float>(p[i]);
-        const float r = e.regularized(static_cast<float>(g[i]), pi);
+        float pi = to_f32<T>(p[i]);
+        const float r = e.regularized(to_f32<T>(g[i]), pi);
         float d = r;
         if constexpr (kMomentum) {
-          const float m = e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r);
-          buf[i] = static_cast<T>(m);
+          // The buffer is read on the first step too (uninitialised then, and ignored by buffer()): a
+          // conditional load keeps gcc from turning the loop's flags into selects and vectorising it.
+          const float m = e.buffer(to_f32<T>(buf[i]), r);
+          buf[i] = from_f32<T>(m);
           d = e.direction(r, m);
         }
-        if constexpr (kRegret) pi = madd(static_cast<float>(prev[i]), rd, pi);
-        const T stored = static_cast<T>(madd(neg_lr, d, pi));
+        if constexpr (kRegret) pi = madd(to_f32<T>(prev[i]), rd, pi);
+        const raw_t<T> stored = from_f32<T>(madd(neg_lr, d, pi));
         p[i] = stored;
         if constexpr (kStore != 0) {
-          const T stored_prev = static_cast<T>(kStore == 1 ? r : d);
+          const raw_t<T> stored_prev = from_f32<T>(kStore == 1 ? r : d);
           if constexpr (kWriteOnly) {
             out[j] = stored_prev;
           } else {
@@ -168,20 +170,20 @@ Range pick_step(bool momentum, int64_t store, bool regret, bool boundary) {
 // <a, prev> and ||a||^2 with a the regularized gradient, or the direction when kDirection.
 template <typename T, bool kDirection>
 void sgd_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
-  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
-  const T* __restrict__ g = static_cast<const T*>(a.grads[t]);
-  const T* __restrict__ buf = kDirection ? static_cast<const T*>(a.buffers[t]) : nullptr;
-  const T* __restrict__ prev = static_cast<const T*>(a.prevs[t]);
+  const raw_t<T>* __restrict__ p = static_cast<const raw_t<T>*>(a.params[t]);
+  const raw_t<T>* __restrict__ g = static_cast<const raw_t<T>*>(a.grads[t]);
+  const raw_t<T>* __restrict__ buf = kDirection ? static_cast<const raw_t<T>*>(a.buffers[t]) : nullptr;
+  const raw_t<T>* __restrict__ prev = static_cast<const raw_t<T>*>(a.prevs[t]);
   const SgdElement e = a.e;
   for (int64_t block = begin; block < end; block += kBlock) {
     float dot[kLanes] = {0}, nrm[kLanes] = {0};
     for_lanes(std::min(kBlock, end - block), [&](int64_t j, int64_t k) {
       const int64_t i = block + j;
-      const float pi = e.use_weight_decay ? static_cast<float>(p[i]) : 0.0f;
-      const float r = e.regularized(static_cast<float>(g[i]), pi);
+      const float pi = e.use_weight_decay ? to_f32<T>(p[i]) : 0.0f;
+      const float r = e.regularized(to_f32<T>(g[i]), pi);
       float x = r;
-      if constexpr (kDirection) x = e.direction(r, e.buffer(e.first_step ? 0.0f : static_cast<float>(buf[i]), r));
-      const float q = static_cast<float>(prev[i]);
+      if constexpr (kDirection) x = e.direction(r, e.buffer(to_f32<T>(buf[i]), r));  // as in sgd_step_range
+      const float q = to_f32<T>(prev[i]);
       dot[k] += x * q;
       nrm[k] += x * x;
     });
@@ -192,9 +194,9 @@ void sgd_reduce_range(const Args& a, int64_t t, int64_t begin, int64_t end, doub
 
 template <typename T>
 void boundary_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
-  const T* __restrict__ p = static_cast<const T*>(a.params[t]);
-  T* __restrict__ snap = static_cast<T*>(a.boundary.snapshots[t]);
-  T* __restrict__ disp = static_cast<T*>(a.boundary.prev_displacements[t]);
+  const raw_t<T>* __restrict__ p = static_cast<const raw_t<T>*>(a.params[t]);
+  raw_t<T>* __restrict__ snap = static_cast<raw_t<T>*>(a.boundary.snapshots[t]);
+  raw_t<T>* __restrict__ disp = static_cast<raw_t<T>*>(a.boundary.prev_displacements[t]);
   float* __restrict__ z = a.boundary.accumulators.empty() ? nullptr : a.boundary.accumulators[t];
   const float scale = a.boundary.scale.at(t);
   const float weight = a.boundary.accumulate_weight;
