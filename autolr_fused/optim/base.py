@@ -162,7 +162,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if "backend" not in state:  # pickled by an older version (torch's three keys): nothing to restore
             return
-        self._flat_cache = None
+        self._forget_state_caches()
         self._sharding = Sharding.of(self._all_params())
         self._use_backend(*resolve_backend(self.backend, self._device()))
 
@@ -322,23 +322,23 @@ class AutoLROptimizer(torch.optim.Optimizer):
         controller = copy.deepcopy(self._controller)
         statistics = dict(self._statistics)
         seen = None if self._nonfinite_seen is None else self._nonfinite_seen.clone()
-        kept = {k: self.__dict__.get(k) for k in ("_nonfinite_warned", "_snapshots_taken")}
+        warned = self._nonfinite_warned
         try:
             self._step()
         finally:
-            self._controller, self._statistics, self._nonfinite_seen = controller, statistics, seen
-            for key, value in kept.items():
-                if value is None:
-                    self.__dict__.pop(key, None)
-                else:
-                    setattr(self, key, value)
+            self._controller, self._statistics = controller, statistics
+            self._nonfinite_seen, self._nonfinite_warned = seen, warned
             self._template_state = True
 
     def _drop_template_state(self) -> None:
         self.state.clear()
+        self._forget_state_caches()
+        self._template_state = False
+
+    def _forget_state_caches(self) -> None:
+        """Drop what is derived from ``state`` (the flat per-tensor vectors, the snapshot count); rebuilt on use."""
         self._flat_cache = None
         self.__dict__.pop("_snapshots_taken", None)
-        self._template_state = False
 
     def _gradients_are_finite(self) -> bool:
         """skip_nonfinite's test (one host read); with sharded parameters every rank decides alike."""
@@ -543,8 +543,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
             if self._lr_on_device:
                 self._lr_tensor(group)
         self._controller = copy.deepcopy(saved_controller) if expected else {}
-        self._flat_cache = None
-        self.__dict__.pop("_snapshots_taken", None)
+        self._forget_state_caches()
         device = self._device()
         self._statistics = {
             key: torch.tensor(values, dtype=getattr(torch, dtype), device=device).reshape(shape)
