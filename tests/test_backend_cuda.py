@@ -189,6 +189,7 @@ class Call:
     of: str = REGULARIZED
     prevs: bool = False  # adam_step: store d into prevs
     step: int = 1
+    regret_from_buffer: bool = False  # sgd_step: a regret without prevs reads the old momentum buffers
 
     def __str__(self) -> str:
         fields = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
@@ -221,7 +222,7 @@ class Call:
                     self.lr_of(x),
                     self.cfg,
                     first_step=self.first_step,
-                    prevs=x.prevs if self.store is not None or self.regret else None,
+                    prevs=x.prevs if (self.store is not None or self.regret) and not self.regret_from_buffer else None,
                     store=self.store,
                     regret=x.regret if self.regret else None,
                     boundary=self.boundary_of(x),
@@ -298,6 +299,10 @@ def _adam_step_calls() -> list[Call]:
 # The table: every keyword combination of every primitive.
 CALLS = (
     _sgd_step_calls()
+    + [
+        Call("sgd_step", cfg, "per_tensor", regret=True, boundary=boundary, grad_scale=gs, regret_from_buffer=True)
+        for cfg, boundary, gs in itertools.product(SGD_CONFIGS[2:4], (None, "plain"), (False, True))
+    ]
     + [
         Call("sgd_reduce", cfg, first_step=first, of=of, grad_scale=gs)
         for cfg, first, of, gs in itertools.product(SGD_CONFIGS, (False, True), (REGULARIZED, DIRECTION), (False, True))

@@ -326,6 +326,36 @@ def test_sgd_step_low_precision_error_is_at_most_twice_the_references(dtype, dir
     compare(sgd_step_call(direction, *keywords), dtype, boundary_kind=keywords[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize(
+    "direction", [(0.9, 0.0, False, 0.0, False, False), (0.9, 0.1, False, 0.01, True, False)], ids=str
+)
+def test_sgd_step_regret_from_the_momentum_buffer_matches_reference(direction, dtype):
+    """A regret without prevs reads the momentum buffer before this step's update (momentum, no nesterov)."""
+    momentum, dampening, nesterov, weight_decay, maximize, first_step = direction
+    cfg = SGDConfig(momentum, dampening, weight_decay, nesterov, maximize)
+
+    def call(backend, lists):
+        n = len(lists["params"])
+        return backend.sgd_step(
+            lists["params"], lists["grads"], lists["buffers"], lr_of("per_tensor", n), cfg,
+            regret=regret_of(n), grad_scale=GRAD_SCALE,
+        )  # fmt: skip
+
+    compare(call, dtype)
+
+
+def test_sgd_step_regret_without_prevs_is_refused_with_nesterov():
+    problem = make_problem(torch.float32, SMALL)
+    lists = materialise(problem, torch.float32, SMALL)
+    n = len(lists["params"])
+    with pytest.raises(ValueError, match="regret without prevs"):
+        triton_backend.sgd_step(
+            lists["params"], lists["grads"], lists["buffers"], 0.1, SGDConfig(0.9, 0.0, 0.0, True, False),
+            regret=regret_of(n),
+        )  # fmt: skip
+
+
 def sgd_reduce_call(direction, of, grad_scale):
     momentum, dampening, nesterov, weight_decay, maximize, first_step = direction
     cfg = SGDConfig(momentum, dampening, weight_decay, nesterov, maximize)

@@ -282,6 +282,78 @@ def test_cpu_streaming_stores_write_what_plain_stores_write(op, dtype):
             assert torch.equal(a.view(bits), b.view(bits)), f"list {k}, length {STREAM_LENGTHS[i]}"
 
 
+# Backends whose sgd_step runs here on CPU tensors at this file's sizes (interpreted Triton is covered by
+# tests/test_backend_triton.py, a GPU's backends by the rows below on a GPU).
+HOST_BACKENDS = ["reference", *(b for b in KERNEL_BACKENDS if DEVICE[b] == "cpu" and b != "triton")]
+
+
+def _backend_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"autolr_fused.backends.{name}")
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("wd_damp_scale", [(0.0, 0.0, False), (1e-2, 0.3, True)], ids=["plain", "wd_damp_scaled"])
+def test_sgd_step_regret_without_prevs_reads_the_buffer_before_the_update(backend, dtype, wd_damp_scale):
+    """With momentum and without nesterov a regret may read the previous direction from the momentum buffer.
+
+    The call without ``prevs`` must write exactly the bits of the same call given a copy of the buffers as
+    ``prevs``: the regret reads the buffer as it was before this step's update, whatever the backend.
+    """
+    from autolr_fused.directions import SGDConfig
+
+    ops = _backend_module(backend)
+    weight_decay, dampening, scaled = wd_damp_scale
+    cfg = SGDConfig(momentum=0.9, dampening=dampening, weight_decay=weight_decay)
+    grad_scale = torch.tensor([4.0]) if scaled else None
+    params = [p.detach() for p in make_params(dtype, "cpu", seed=1)]
+    grads = [g * 4 if scaled else g for g in gradients(params, 0)]
+    buffers = [b.to(dtype) for b in gradients(params, 1)]
+    regret = torch.linspace(-0.3, 0.2, len(params))
+    lr = torch.linspace(0.05, 0.1, len(params))
+    runs = []
+    for from_buffer in (True, False):
+        p, buf = [t.clone() for t in params], [t.clone() for t in buffers]
+        prevs = None if from_buffer else [t.clone() for t in buffers]
+        ops.sgd_step(p, grads, buf, lr, cfg, prevs=prevs, regret=regret, grad_scale=grad_scale)
+        runs.append((p, buf))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for (p, buf), (p_ref, buf_ref) in zip(*[list(zip(*r)) for r in runs]):
+        assert torch.equal(p.view(bits), p_ref.view(bits)) and torch.equal(buf.view(bits), buf_ref.view(bits))
+    # The regret did something: the same step without it moves the parameters elsewhere.
+    p = [t.clone() for t in params]
+    ops.sgd_step(p, grads, [t.clone() for t in buffers], lr, cfg, grad_scale=grad_scale)
+    assert any(not torch.equal(a, b) for a, b in zip(p, runs[0][0]) if a.numel())
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize(
+    "cfg_kw, first_step",
+    [(dict(), False), (dict(momentum=0.9, nesterov=True), False), (dict(momentum=0.9), True)],
+    ids=["no_momentum", "nesterov", "first_step"],
+)
+def test_sgd_step_regret_without_prevs_is_refused_where_the_buffer_is_not_the_direction(backend, cfg_kw, first_step):
+    from autolr_fused.directions import SGDConfig
+
+    ops = _backend_module(backend)
+    params = [torch.ones(5), torch.ones(3)]
+    before = [p.clone() for p in params]
+    buffers = [torch.ones(5), torch.ones(3)] if cfg_kw.get("momentum") else []
+    with pytest.raises((ValueError, RuntimeError), match="regret without prevs"):
+        ops.sgd_step(
+            params,
+            [torch.ones(5), torch.ones(3)],
+            buffers,
+            0.1,
+            SGDConfig(**cfg_kw),
+            first_step=first_step,
+            regret=torch.tensor([0.1, 0.2]),
+        )
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="the cpu extension is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpu_16_bit_conversions_equal_torchs_for_every_value(dtype):

@@ -40,10 +40,15 @@ MEMORY = {
     "tlr_step_layer": (lambda p: FusedTLR(p, lr=0.01, per_layer=True), (1, 0, 1)),  # + its lr
     "tlr_window": (lambda p: FusedTLR(p, lr=0.01, momentum=0.9, steps_per_epoch=4), (3, 0, 0)),  # snapshot, u_{j-1}
     "tlr_window_layer": (lambda p: FusedTLR(p, lr=0.01, per_layer=True, steps_per_epoch=4), (2, 0, 1)),
-    # previous direction, momentum buffer; lr, previous h and previous delta per tensor
-    "rdbd_sgd": (lambda p: FusedRDBD(p, lr=0.01, momentum=0.9), (2, 0, 3)),
+    # With momentum and without nesterov the momentum buffer is the previous direction: only it is kept.
+    # lr, previous h and previous delta per tensor
+    "rdbd_sgd": (lambda p: FusedRDBD(p, lr=0.01, momentum=0.9), (1, 0, 3)),
+    "rdbd_sgd_plain": (lambda p: FusedRDBD(p, lr=0.01), (1, 0, 3)),  # previous direction
+    "rdbd_sgd_nesterov": (lambda p: FusedRDBD(p, lr=0.01, momentum=0.9, nesterov=True), (2, 0, 3)),  # + buffer
     "rdbd_adam": (lambda p: FusedRDBD(p, base="adam", lr=0.01, meta_lr=1e-6), (3, 0, 3)),  # + exp_avg, exp_avg_sq
-    "sgdhd": (lambda p: FusedSGDHD(p, lr=0.01, momentum=0.9), (2, 0, 0)),  # previous direction, momentum buffer
+    "sgdhd": (lambda p: FusedSGDHD(p, lr=0.01, momentum=0.9), (1, 0, 0)),  # the buffer is the previous direction
+    "sgdhd_plain": (lambda p: FusedSGDHD(p, lr=0.01), (1, 0, 0)),  # previous direction
+    "sgdhd_nesterov": (lambda p: FusedSGDHD(p, lr=0.01, momentum=0.9, nesterov=True), (2, 0, 0)),  # + buffer
 }
 
 

@@ -35,7 +35,7 @@ import pytest
 import torch
 from spec_problems import SHAPES, NoisyQuadratic, set_grads
 
-from autolr_fused import FusedRDBD
+from autolr_fused import FusedRDBD, available_backends
 
 STEPS = 40
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-6
@@ -239,6 +239,45 @@ def test_rdbd_matches_naive_float64_loop_every_step(name: str) -> None:
         assert counters.upper_clamps > 0, "the upper lr bound must bind in this case"
     if expect.get("lower"):
         assert counters.lower_clamps > 0, "the lower lr bound must bind in this case"
+
+
+# The base changes every 8 steps, switching where d_{t-1} lives (the momentum buffer with momentum and without
+# nesterov, else state["prev_direction"]); see test_spec_sgd_family.HD_SWITCHES.
+RDBD_SWITCHES = {
+    9: dict(nesterov=True),
+    17: dict(nesterov=False),
+    25: dict(momentum=0.0),
+    33: dict(momentum=0.6),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_rdbd_follows_the_naive_loop_when_momentum_and_nesterov_change(backend: str) -> None:
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not built")
+    problem = NoisyQuadratic(seed=7, sigma=0.5)
+    naive = [x.clone() for x in problem.initial]
+    opt_params = problem.float32_params()
+    kw = dict(base="sgd", lr=0.01, meta_lr=2e-4, momentum=0.6)
+    opt = FusedRDBD(opt_params, backend=backend, **kw)
+    cfgs = [kw] * len(opt_params)
+    states = [NaiveTensorState(lr=kw["lr"]) for _ in cfgs]
+    counters = NaiveCounters()
+    for step in range(1, STEPS + 1):
+        if step in RDBD_SWITCHES:
+            opt.param_groups[0].update(RDBD_SWITCHES[step])
+            cfgs = [{**cfg, **RDBD_SWITCHES[step]} for cfg in cfgs]
+        grads = problem.grads(naive)
+        set_grads(opt_params, grads)
+        opt.step()
+        naive_rdbd_step(naive, grads, states, cfgs, counters)
+        where = f"{backend}, step {step}, {cfgs[0]}"
+        for i, (p, q, st) in enumerate(zip(opt_params, naive, states)):
+            torch.testing.assert_close(p.detach().double(), q, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=where)
+            assert float(opt.state[p]["lr"]) == pytest.approx(st.lr, rel=LR_RTOL, abs=1e-12), where
+            keeps = cfgs[i]["momentum"] == 0 or cfgs[i].get("nesterov", False)
+            assert ("prev_direction" in opt.state[p]) == keeps, where
+    assert counters.regrets > 0, "regrets must fire for the switches to be tested with them"
 
 
 def test_rdbd_regret_and_dbd_runs_differ_when_regrets_fire() -> None:

@@ -40,7 +40,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from autolr_fused import FusedSGDHD, FusedSGDL, FusedTLR
+from autolr_fused import FusedSGDHD, FusedSGDL, FusedTLR, available_backends
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), (1,)]
 STEPS = 40
@@ -576,6 +576,46 @@ def test_sgdhd_params_lr_and_inner_product_match_spec_loop_every_step(name: str)
             # h is a float32 sum of products: its rounding scales with sum |r| |d|, not with h (which may cancel).
             assert abs(opt.stats()["inner_product"] - spec.h) <= 1e-5 * spec.h_magnitude, where
     assert abs(spec.lr - lr0) > 0.1 * lr0, f"{name}: the lr barely moved ({lr0} -> {spec.lr}); test too weak"
+
+
+# The group's base changes every 8 steps, switching where d_{t-1} lives (the momentum buffer with momentum and
+# without nesterov, else state["prev_direction"]): buffer -> nesterov -> buffer -> no momentum -> buffer again
+# (the old buffer, kept in state while momentum was 0, resumes as torch.optim.SGD's does).
+HD_SWITCHES = {
+    1: dict(momentum=0.5),
+    9: dict(momentum=0.5, nesterov=True),
+    17: dict(momentum=0.5, nesterov=False),
+    25: dict(momentum=0.0, nesterov=False),
+    33: dict(momentum=0.5, nesterov=False),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sgdhd_follows_the_spec_loop_when_momentum_and_nesterov_change(backend: str) -> None:
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not built")
+    problem = Quadratic(77)
+    p32, p64 = make_params(problem)
+    lr0, beta = 0.05, 1e-3
+    opt = FusedSGDHD(p32, lr=lr0, hypergrad_lr=beta, weight_decay=1e-2, backend=backend)
+    spec = SpecSGDHD(p64, lr0, beta, **{**HD_SGD_DEFAULTS, "weight_decay": 1e-2})
+    for t in range(1, STEPS + 1):
+        if t in HD_SWITCHES:
+            opt.param_groups[0].update(HD_SWITCHES[t])
+            spec.sgd = {**spec.sgd, **HD_SWITCHES[t]}
+        g = problem.grads(t, p64)
+        set_grads(p32, g)
+        opt.step()
+        spec.step([gi.double() for gi in g])
+        where = f"{backend}, step {t}, {spec.sgd}"
+        assert_params_close(p32, p64, spec.path, where)
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(spec.lr, rel=LR_RTOL, abs=LR_RTOL * lr0), where
+        if t >= 2:
+            assert abs(opt.stats()["inner_product"] - spec.h) <= 1e-5 * spec.h_magnitude, where
+        # d_t is kept apart from the momentum buffer only where the buffer is not the direction.
+        keeps = spec.sgd["momentum"] == 0 or spec.sgd["nesterov"]
+        assert all(("prev_direction" in opt.state[p]) == keeps for p in p32), where
+    assert abs(spec.lr - lr0) > 0.1 * lr0, f"the lr barely moved ({lr0} -> {spec.lr}); test too weak"
 
 
 def test_sgdhd_first_step_is_plain_sgd_at_the_initial_lr() -> None:

@@ -6,7 +6,10 @@ nothing about papers, only about tensor lists:
 
 ``sgd_step(params, grads, buffers, lr, cfg, *, first_step, prevs, store, regret, boundary, grad_scale)``
     One torch.optim.SGD update of every tensor, optionally (a) first undoing a
-    regretted lr change ``p += regret[i] * prevs[i]``, (b) storing this step's
+    regretted lr change ``p += regret[i] * prevs[i]`` (without ``prevs``, the
+    momentum buffer before this step's update takes the place of ``prevs[i]``:
+    it is the previous direction with momentum and without nesterov, and is
+    only allowed then, not on the first step, and without a store), (b) storing this step's
     regularized gradient or direction into ``prevs``, and (c) the boundary
     pass after the update (see :class:`Boundary`). Returns the boundary
     statistics, or None.

@@ -130,6 +130,13 @@ def sgd_step(
     grad_scale: Tensor | None = None,
 ) -> Tensor | None:
     """One torch.optim.SGD step of every tensor (see ``primitives.py``)."""
+    if regret is not None and prevs is None:  # the previous direction is the momentum buffer before the update
+        if cfg.momentum == 0 or cfg.nesterov or first_step or store is not None:
+            raise ValueError(
+                "sgd_step: a regret without prevs reads the momentum buffers, which needs momentum without "
+                "nesterov, not the first step, and no store"
+            )
+        prevs = buffers
     for i, (p, g) in enumerate(zip(params, grads)):
         buf = buffers[i] if cfg.momentum != 0 else None
         r, d, new_buf = _sgd_terms(p, _unscaled(g, grad_scale), buf, cfg, first_step)

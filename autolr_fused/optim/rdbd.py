@@ -22,7 +22,15 @@ from autolr_fused.backends.primitives import DIRECTION
 from autolr_fused.controllers import rdbd
 from autolr_fused.directions import AdamConfig, SGDConfig
 from autolr_fused.optim.base import AutoLROptimizer, lr_tensor
-from autolr_fused.optim.sgd import Unit, momentum_units
+from autolr_fused.optim.sgd import (
+    PREV_DIRECTION,
+    PrevCall,
+    Unit,
+    direction_calls,
+    drop_replaced_prevs,
+    momentum_units,
+    zero_rows,
+)
 
 BASES = ("sgd", "adam")
 
@@ -51,8 +59,9 @@ class FusedRDBD(AutoLROptimizer):
     entirely (nothing changes, as a step GradScaler skips), at the cost of one
     fused pass over the gradients and one device-to-host read per step.
 
-    Extra memory per parameter: the previous direction (1 x parameter size),
-    plus the momentum buffer (SGD with momentum) or the two moments (Adam);
+    Extra memory per parameter: the previous direction (1 x parameter size;
+    none for SGD with momentum without nesterov, whose momentum buffer is that
+    direction), plus the momentum buffer (SGD with momentum) or the two moments (Adam);
     and per tensor three float32 scalars (its lr, the last h and the last lr
     change), views of three shared vectors.
     """
@@ -161,7 +170,7 @@ class FusedRDBD(AutoLROptimizer):
 
     def _step(self) -> None:
         ops, grad_scale = self._ops, self._grad_scale
-        work = []  # (group, unit, prevs)
+        work: list[PrevCall] = []
         for group in self.param_groups:
             params = self._grad_params(group)
             for p in params:
@@ -170,24 +179,32 @@ class FusedRDBD(AutoLROptimizer):
                     state["lr"] = lr_tensor(group["lr"], p.device)
                     state["prev_h"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["prev_delta"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            for unit in self._units(group, params):
-                work.append((group, unit, self._prevs(unit.params, "prev_direction")))
+            units = self._units(group, params)
+            if group["base"] == "sgd":  # d_{t-1} is the momentum buffer where it can be (direction_calls)
+                work += direction_calls(self, group, units)
+            else:
+                work += [PrevCall(group, unit, self._prevs(unit.params, PREV_DIRECTION)) for unit in units]
         if not work:
             return
-        rows = []  # (h_t, ||d_t||^2) per tensor, h_t = <d_t, d_{t-1}>: 0 where d_{t-1} does not exist yet (zeros)
-        for group, unit, prevs in work:
+        rows = []  # (h_t, ||d_t||^2) per tensor, h_t = <d_t, d_{t-1}>: 0 where d_{t-1} does not exist yet
+        for call in work:
+            group, unit = call.group, call.unit
+            if call.prevs is None:
+                rows.append(zero_rows(unit.params))
+                continue
             lists, cfg, kw = self._primitive_args(group, unit)
             reduce = ops.sgd_reduce if group["base"] == "sgd" else ops.adam_reduce
             of = {"of": DIRECTION} if group["base"] == "sgd" else {}
-            rows.append(reduce(unit.params, unit.grads, *lists, prevs, cfg, grad_scale=grad_scale, **kw, **of))
-        params = [p for _, unit, _ in work for p in unit.params]
+            rows.append(reduce(unit.params, unit.grads, *lists, call.prevs, cfg, grad_scale=grad_scale, **kw, **of))
+        params = [p for call in work for p in call.unit.params]
         h_all = self._global_rows(torch.cat(rows), [params])[:, 0]
         flat = self._flat_state(params, ("lr", "prev_h", "prev_delta"))
         prev_h, prev_delta, old_lr = flat["prev_h"], flat["prev_delta"], flat["lr"]
         self._note_nonfinite(h_all)
         updates, start = [], 0
-        for group, unit, _ in work:
-            end = start + len(unit.params)
+        for call in work:
+            group = call.group
+            end = start + len(call.unit.params)
             low, high = (None if b is None else float(b) for b in group["lr_bounds"])
             updates.append(
                 rdbd.update(
@@ -204,13 +221,17 @@ class FusedRDBD(AutoLROptimizer):
             start = end
         for key, field in (("lr", "lr"), ("prev_delta", "delta"), ("prev_h", "h")):
             flat[key].copy_(torch.cat([getattr(u, field) for u in updates]))
-        for (group, unit, prevs), u in zip(work, updates):
+        for call, u in zip(work, updates):
+            group, unit = call.group, call.unit
             lists, cfg, kw = self._primitive_args(group, unit)
-            regret = u.regret_delta if group["regret"] else None
+            # Without d_{t-1} there is nothing to regret (h_{t-1} is 0 then, so is the regret).
+            regret = u.regret_delta if group["regret"] and call.prevs is not None else None
+            prevs = None if call.from_buffer else call.prevs  # from the buffers: the kernel reads them in place
             if group["base"] == "sgd":
-                kw["store"] = DIRECTION
+                kw["store"] = DIRECTION if call.store else None
             step = ops.sgd_step if group["base"] == "sgd" else ops.adam_step
             step(unit.params, unit.grads, *lists, u.lr, cfg, prevs=prevs, regret=regret, grad_scale=grad_scale, **kw)
+        drop_replaced_prevs(self, work)
 
     def _summary_stats(self) -> dict[str, float]:
         lrs = [self.state[p]["lr"] for p in self._all_params() if "lr" in self.state[p]]

@@ -53,6 +53,20 @@ class Unit:
     buffers: list[Tensor]  # empty without momentum
     first_step: bool  # the buffers are new (uninitialised) and become this step's r
 
+    def subset(self, indices: list[int]) -> Unit:
+        """The unit of the tensors at ``indices``."""
+        return Unit(
+            [self.params[i] for i in indices],
+            [self.grads[i] for i in indices],
+            [self.buffers[i] for i in indices] if self.buffers else [],
+            self.first_step,
+        )
+
+
+def zero_rows(params: list[Tensor]) -> Tensor:
+    """The ``(n, 2)`` float32 statistics of tensors without a previous vector: zeros."""
+    return torch.zeros((len(params), 2), dtype=torch.float32, device=params[0].device)
+
 
 def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
     """Split ``params`` of ``group`` into at most two units (new and existing momentum buffers).
@@ -80,6 +94,82 @@ def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: li
         Unit([params[i] for i in new], [grads[i] for i in new], [states[i]["momentum_buffer"] for i in new], True)
     )
     return units
+
+
+PREV_DIRECTION = "prev_direction"
+
+
+@dataclass
+class PrevCall:
+    """One primitive call's tensors and where their previous vector (``d_{t-1}`` or ``r_{t-1}``) is.
+
+    ``prevs`` holds it, one tensor per parameter of ``unit``, or is None when no tensor of
+    the unit has one yet (its inner products are 0). ``store``: the step writes this
+    step's vector into ``prevs``. ``from_buffer``: ``prevs`` are the unit's momentum
+    buffers, read in place (the step stores nothing; a regret reads the buffers before
+    the update). ``drop``: ``prevs`` are ``state[p]["prev_direction"]`` tensors that the
+    momentum buffers replace after this step.
+    """
+
+    group: dict[str, Any]
+    unit: Unit
+    prevs: list[Tensor] | None
+    store: bool = True
+    from_buffer: bool = False
+    drop: bool = False
+
+
+def buffer_is_direction(group: dict[str, Any]) -> bool:
+    """Whether torch.optim.SGD's direction is its momentum buffer (momentum without nesterov)."""
+    return group["momentum"] != 0 and not group["nesterov"]
+
+
+def direction_calls(optimizer: AutoLROptimizer, group: dict[str, Any], units: list[Unit]) -> list[PrevCall]:
+    """The calls of an SGD group's ``units`` that read the previous update direction ``d_{t-1}``.
+
+    With momentum and without nesterov, torch.optim.SGD's direction *is* the momentum
+    buffer: before this step's update the buffer holds ``d_{t-1}``, so no copy is kept
+    (one parameter-sized tensor less, and the update pass writes nothing more than
+    torch.optim.SGD's). Otherwise ``d_{t-1}`` is kept in ``state[p]["prev_direction"]``
+    and each step stores its direction there. When a group switches between the two
+    (its ``momentum`` or ``nesterov`` changed), the first step after the switch reads
+    ``d_{t-1}`` where the last step left it: a new ``prev_direction`` starts as a copy
+    of the buffer, and a ``prev_direction`` left over is read once more and dropped.
+    """
+    calls = []
+    for unit in units:
+        states = [optimizer.state[p] for p in unit.params]
+        if not buffer_is_direction(group):
+            for p, state in zip(unit.params, states):
+                if PREV_DIRECTION not in state:
+                    buf = None if unit.first_step else state.get("momentum_buffer")  # a new one is empty
+                    state[PREV_DIRECTION] = (
+                        buf.clone(memory_format=torch.preserve_format)  # the last step's direction
+                        if buf is not None
+                        else torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
+            calls.append(PrevCall(group, unit, [s[PREV_DIRECTION] for s in states]))
+            continue
+        kept = [i for i, s in enumerate(states) if PREV_DIRECTION in s]
+        if kept:
+            prevs = [states[i][PREV_DIRECTION] for i in kept]
+            calls.append(PrevCall(group, unit.subset(kept), prevs, store=False, drop=True))
+        if len(kept) == len(states):
+            continue
+        rest = unit.subset([i for i, s in enumerate(states) if PREV_DIRECTION not in s]) if kept else unit
+        if unit.first_step:  # new buffers: no previous direction yet
+            calls.append(PrevCall(group, rest, None, store=False))
+        else:
+            calls.append(PrevCall(group, rest, rest.buffers, store=False, from_buffer=True))
+    return calls
+
+
+def drop_replaced_prevs(optimizer: AutoLROptimizer, calls: list[PrevCall]) -> None:
+    """After the step: the ``prev_direction`` tensors that the momentum buffers now replace go."""
+    for call in calls:
+        if call.drop:
+            for p in call.unit.params:
+                del optimizer.state[p][PREV_DIRECTION]
 
 
 class SGDDirectionOptimizer(AutoLROptimizer):
@@ -121,49 +211,61 @@ class SGDDirectionOptimizer(AutoLROptimizer):
     def _units(self, group: dict[str, Any], params: list[Tensor]) -> list[Unit]:
         return momentum_units(self, group, params)
 
-    def _prev_work(self, key: str) -> list[tuple[dict[str, Any], Unit, list[Tensor]]]:
-        """(group, unit, previous vectors ``state[p][key]``) of every group with gradients."""
+    def _prev_work(self, key: str) -> list[PrevCall]:
+        """The calls of every group with gradients, each tensor's previous vector kept in ``state[p][key]``."""
         return [
-            (group, unit, self._prevs(unit.params, key))
+            PrevCall(group, unit, self._prevs(unit.params, key))
             for group in self.param_groups
             for unit in self._units(group, self._grad_params(group))
         ]
 
-    def _reduce_against_prev(self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]]) -> Tensor:
-        """Rows ``(<r_t, prev>, ||r_t||^2)``, one per tensor of ``work`` in order, r_t the regularized gradient."""
+    def _direction_work(self) -> list[PrevCall]:
+        """The calls of every group with gradients, reading the previous update direction (``direction_calls``)."""
+        return [
+            call
+            for group in self.param_groups
+            for call in direction_calls(self, group, self._units(group, self._grad_params(group)))
+        ]
+
+    def _reduce_against_prev(self, work: list[PrevCall]) -> Tensor:
+        """Rows ``(<r_t, prev>, ||r_t||^2)``, one per tensor of ``work`` in order, r_t the regularized gradient.
+
+        A call without previous vectors gives rows of zeros.
+        """
         rows = torch.cat(
             [
                 self._ops.sgd_reduce(
-                    unit.params,
-                    unit.grads,
-                    unit.buffers,
-                    prevs,
-                    SGDConfig.of_group(group),
-                    first_step=unit.first_step,
+                    call.unit.params,
+                    call.unit.grads,
+                    call.unit.buffers,
+                    call.prevs,
+                    SGDConfig.of_group(call.group),
+                    first_step=call.unit.first_step,
                     of=REGULARIZED,
                     grad_scale=self._grad_scale,
                 )
-                for group, unit, prevs in work
+                if call.prevs is not None
+                else zero_rows(call.unit.params)
+                for call in work
             ]
         )
-        return self._global_rows(rows, [unit.params for _, unit, _ in work])
+        return self._global_rows(rows, [call.unit.params for call in work])
 
-    def _step_storing_prev(
-        self, work: list[tuple[dict[str, Any], Unit, list[Tensor]]], lrs: Callable[[dict, Unit], Tensor], store: str
-    ) -> None:
-        """The update of every unit at ``lrs(group, unit)``, storing this step's ``store`` vector as the previous."""
-        for group, unit, prevs in work:
+    def _step_storing_prev(self, work: list[PrevCall], lrs: Callable[[dict, Unit], Tensor], store: str) -> None:
+        """The update of every call at ``lrs(group, unit)``, storing this step's ``store`` vector where it keeps one."""
+        for call in work:
             self._ops.sgd_step(
-                unit.params,
-                unit.grads,
-                unit.buffers,
-                lrs(group, unit),
-                SGDConfig.of_group(group),
-                first_step=unit.first_step,
-                prevs=prevs,
-                store=store,
+                call.unit.params,
+                call.unit.grads,
+                call.unit.buffers,
+                lrs(call.group, call.unit),
+                SGDConfig.of_group(call.group),
+                first_step=call.unit.first_step,
+                prevs=call.prevs if call.store else None,
+                store=store if call.store else None,
                 grad_scale=self._grad_scale,
             )
+        drop_replaced_prevs(self, work)
 
     def _sgd_group_step(self, group: dict[str, Any]) -> None:
         """One torch.optim.SGD step of a group at the group's current lr."""

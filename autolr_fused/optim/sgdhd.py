@@ -32,7 +32,9 @@ class FusedSGDHD(SGDDirectionOptimizer):
     fused pass over the gradients and one device-to-host read per step.
 
     Extra memory per parameter: the previous update direction (1 x parameter
-    size), plus the momentum buffer.
+    size), plus the momentum buffer. With momentum and without nesterov the
+    momentum buffer is the previous direction and nothing else is kept
+    (1 x parameter size in all).
     """
 
     _lr_on_device = True
@@ -69,7 +71,7 @@ class FusedSGDHD(SGDDirectionOptimizer):
         return {"step": 0}
 
     def _step(self) -> None:
-        work = self._prev_work("prev_direction")
+        work = self._direction_work()
         if not work:
             return
         if self._controller["step"] >= 1:  # t >= 2: <r_t, d_{t-1}> (0 for a tensor without d_{t-1})

@@ -163,7 +163,7 @@ class FusedTLR(SGDDirectionOptimizer):
         if not work:
             return
         if self._controller["step"] >= 1:  # t >= 2
-            self._apply_factor(self._reduce_against_prev(work), [p for _, unit, _ in work for p in unit.params])
+            self._apply_factor(self._reduce_against_prev(work), [p for call in work for p in call.unit.params])
         self._controller["step"] += 1
         self._step_storing_prev(work, lambda group, unit: self._lrs(group, unit.params), REGULARIZED)
 

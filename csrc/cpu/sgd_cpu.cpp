@@ -1,6 +1,7 @@
 // CPU implementations of sgd_step, sgd_reduce and boundary_pass (schemas: csrc/bindings.cpp).
 //
-// sgd_step     reads params, grads, buffers (momentum), prevs (regret); writes params, buffers,
+// sgd_step     reads params, grads, buffers (momentum), prevs (regret: the previous direction, or
+//              the buffers before the update when prevs is empty); writes params, buffers,
 //              prevs (store; with streaming stores in a large call without regret, as nothing reads
 //              them then); with a boundary it also reads and writes snapshots and
 //              prev_displacements and accumulates float32 accumulators: one pass over memory.
@@ -81,12 +82,18 @@ inline void boundary_element(raw_t<T> stored, raw_t<T>& snap, raw_t<T>& prev, fl
   if constexpr (kAccumulate) *z = madd(weight, p, *z);
 }
 
-template <typename T, bool kMomentum, int kStore, bool kRegret, bool kBoundary>
+// Where a regret reads the previous direction: nowhere, prevs, or the momentum buffer before this step's update.
+enum RegretFrom { kNoRegret = 0, kRegretPrevs = 1, kRegretBuffer = 2 };
+
+template <typename T, bool kMomentum, int kStore, int kRegretFrom, bool kBoundary>
 void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double* sums) {
   raw_t<T>* __restrict__ p = static_cast<raw_t<T>*>(a.params[t]);
   const raw_t<T>* __restrict__ g = static_cast<const raw_t<T>*>(a.grads[t]);
   raw_t<T>* __restrict__ buf = kMomentum ? static_cast<raw_t<T>*>(a.buffers[t]) : nullptr;
-  raw_t<T>* __restrict__ prev = (kStore != 0 || kRegret) ? static_cast<raw_t<T>*>(a.prevs[t]) : nullptr;
+  static_assert(kRegretFrom != kRegretBuffer || kMomentum, "a regret from the buffer needs momentum");
+  constexpr bool kRegret = kRegretFrom != kNoRegret;
+  raw_t<T>* __restrict__ prev =
+      (kStore != 0 || kRegretFrom == kRegretPrevs) ? static_cast<raw_t<T>*>(a.prevs[t]) : nullptr;
   raw_t<T>* __restrict__ snap = kBoundary ? static_cast<raw_t<T>*>(a.boundary.snapshots[t]) : nullptr;
   raw_t<T>* __restrict__ disp = kBoundary ? static_cast<raw_t<T>*>(a.boundary.prev_displacements[t]) : nullptr;
   float* __restrict__ z = kBoundary && !a.boundary.accumulators.empty() ? a.boundary.accumulators[t] : nullptr;
@@ -108,15 +115,18 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
         const int64_t i = block + j;
         float pi = to_f32<T>(p[i]);
         const float r = e.regularized(to_f32<T>(g[i]), pi);
-        float d = r;
+        float d = r, q = 0.0f;  // q: the previous direction, for a regret
         if constexpr (kMomentum) {
           // The buffer is read on the first step too (uninitialised then, and ignored by buffer()): a
           // conditional load keeps gcc from turning the loop's flags into selects and vectorising it.
-          const float m = e.buffer(to_f32<T>(buf[i]), r);
+          const float old = to_f32<T>(buf[i]);
+          if constexpr (kRegretFrom == kRegretBuffer) q = old;
+          const float m = e.buffer(old, r);
           buf[i] = from_f32<T>(m);
           d = e.direction(r, m);
         }
-        if constexpr (kRegret) pi = madd(to_f32<T>(prev[i]), rd, pi);
+        if constexpr (kRegretFrom == kRegretPrevs) q = to_f32<T>(prev[i]);
+        if constexpr (kRegret) pi = madd(q, rd, pi);
         const raw_t<T> stored = from_f32<T>(madd(neg_lr, d, pi));
         p[i] = stored;
         if constexpr (kStore != 0) {
@@ -143,27 +153,30 @@ void sgd_step_range(const Args& a, int64_t t, int64_t begin, int64_t end, double
 }
 
 // The sgd_step instantiation for the runtime flags (templated only on what changes memory traffic).
-template <typename T, bool kMomentum, int kStore, bool kRegret>
+template <typename T, bool kMomentum, int kStore, int kRegretFrom>
 Range pick_boundary(bool boundary) {
-  return boundary ? &sgd_step_range<T, kMomentum, kStore, kRegret, true>
-                  : &sgd_step_range<T, kMomentum, kStore, kRegret, false>;
+  return boundary ? &sgd_step_range<T, kMomentum, kStore, kRegretFrom, true>
+                  : &sgd_step_range<T, kMomentum, kStore, kRegretFrom, false>;
 }
 
 template <typename T, bool kMomentum, int kStore>
-Range pick_regret(bool regret, bool boundary) {
-  return regret ? pick_boundary<T, kMomentum, kStore, true>(boundary)
-                : pick_boundary<T, kMomentum, kStore, false>(boundary);
+Range pick_regret(RegretFrom regret, bool boundary) {
+  if constexpr (kMomentum && kStore == 0) {  // sgd_step_cpu checks that this is the only use
+    if (regret == kRegretBuffer) return pick_boundary<T, kMomentum, kStore, kRegretBuffer>(boundary);
+  }
+  return regret == kRegretPrevs ? pick_boundary<T, kMomentum, kStore, kRegretPrevs>(boundary)
+                                : pick_boundary<T, kMomentum, kStore, kNoRegret>(boundary);
 }
 
 template <typename T, bool kMomentum>
-Range pick_store(int64_t store, bool regret, bool boundary) {
+Range pick_store(int64_t store, RegretFrom regret, bool boundary) {
   if (store == 1) return pick_regret<T, kMomentum, 1>(regret, boundary);
   if (store == 2) return pick_regret<T, kMomentum, 2>(regret, boundary);
   return pick_regret<T, kMomentum, 0>(regret, boundary);
 }
 
 template <typename T>
-Range pick_step(bool momentum, int64_t store, bool regret, bool boundary) {
+Range pick_step(bool momentum, int64_t store, RegretFrom regret, bool boundary) {
   return momentum ? pick_store<T, true>(store, regret, boundary) : pick_store<T, false>(store, regret, boundary);
 }
 
@@ -254,8 +267,14 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
   const bool boundary = !snapshots_in.empty();
   check_list(params, grads_in.vec(), "grads", false);
   check_list(params, buffers_in.vec(), "buffers", !has_momentum);
-  check_list(params, prevs_in.vec(), "prevs", store_kind == 0 && !has_regret);
+  check_list(params, prevs_in.vec(), "prevs", store_kind == 0);
   TORCH_CHECK(store_kind >= 0 && store_kind <= 2, "autolr_fused: store must be 0, 1 or 2");
+  // A regret without prevs reads the previous direction from the momentum buffers (before this step's update),
+  // which hold it only with momentum, without nesterov, and once they hold a step.
+  const RegretFrom regret_from = !has_regret ? kNoRegret : !prevs_in.empty() ? kRegretPrevs : kRegretBuffer;
+  TORCH_CHECK(regret_from != kRegretBuffer || (has_momentum && !h.nesterov && !h.first_step && store_kind == 0),
+              "autolr_fused: a regret without prevs reads the momentum buffers, which needs momentum without "
+              "nesterov, not the first step, and no store");
   if (boundary) check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   if (params.empty()) return at::empty({0, 3}, at::TensorOptions().dtype(at::kFloat));
   check_vector(lr, "lr", params.size(), true, params[0].device());
@@ -274,7 +293,7 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
                                 aligner.align(accumulators_in.vec(), true), accumulate_weight);
   auto stats = run_chunks(work, args, boundary ? 3 : 0, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return pick_step<T>(has_momentum, store_kind, has_regret, boundary);
+    return pick_step<T>(has_momentum, store_kind, regret_from, boundary);
   });
   aligner.finish();
   return stats;

@@ -1,6 +1,7 @@
 // CUDA implementations of sgd_step, sgd_reduce and boundary_pass (schemas: csrc/bindings.cpp).
 //
-// sgd_step     reads params, grads, buffers (momentum), prevs (regret); writes params, buffers,
+// sgd_step     reads params, grads, buffers (momentum), prevs (regret: the previous direction, or
+//              the buffers before the update when prevs is empty); writes params, buffers,
 //              prevs (store); with a boundary it also reads and writes snapshots and
 //              prev_displacements and accumulates float32 accumulators: one pass over memory.
 // sgd_reduce   reads params (weight decay), grads, buffers (momentum), prevs; writes nothing but
@@ -84,6 +85,7 @@ struct SgdStepOp {
   int store_kind;
   PerTensor lr;
   const float* regret;
+  bool regret_from_buffer;  // the regret's previous direction is the momentum buffer before the update
   const float* grad_scale;
   BoundaryArgs boundary;
 
@@ -99,15 +101,18 @@ struct SgdStepOp {
     const float scale = kBoundary && boundary.has_scale ? boundary.scale.at(c.index) : 1.0f;
     for_each_group<N>(c.begin, c.end, [&](int64_t i, int n) {
       const bool v = c.aligned && n == N;
-      float P[N], R[N], M[N], D[N];
+      float P[N], R[N], M[N], D[N], Q[N];
       load(P, p + i, n, v);
       load(R, g + i, n, v);
       if (has_momentum && !h.first_step) load(M, buf + i, n, v);
+      if (regret_from_buffer) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) Q[k] = M[k];
+      }
       stage_sgd(h, has_momentum, grad_scale, P, R, M, D);
       if (has_momentum) store(buf + i, M, n, v);
       if (regret != nullptr) {
-        float Q[N];
-        load(Q, prev + i, n, v);
+        if (!regret_from_buffer) load(Q, prev + i, n, v);
 #pragma unroll
         for (int k = 0; k < N; ++k) P[k] = __fmaf_rn(Q[k], rd, P[k]);
       }
@@ -202,13 +207,19 @@ at::Tensor sgd_step_cuda(at::TensorList params_in, at::TensorList grads_in, at::
   TensorList params = params_in.vec();
   check_params(params);
   const SgdHyper h = make_sgd_hyper(momentum, dampening, weight_decay, nesterov, maximize, first_step);
-  const bool use_prevs = store_kind != 0 || regret.has_value();
   const bool boundary = !snapshots_in.empty();
   const bool has_momentum = h.momentum != 0.0f;
+  // A regret without prevs reads the previous direction from the momentum buffers (before this step's update),
+  // which hold it only with momentum, without nesterov, and once they hold a step.
+  const bool regret_from_buffer = regret.has_value() && prevs_in.empty();
+  const bool use_prevs = store_kind != 0 || (regret.has_value() && !regret_from_buffer);
   check_list(params, grads_in.vec(), "grads", false);
   check_list(params, buffers_in.vec(), "buffers", !has_momentum);
-  check_list(params, prevs_in.vec(), "prevs", !use_prevs);
+  check_list(params, prevs_in.vec(), "prevs", store_kind == 0);
   TORCH_CHECK(store_kind >= 0 && store_kind <= 2, "autolr_fused: store must be 0, 1 or 2");
+  TORCH_CHECK(!regret_from_buffer || (has_momentum && !h.nesterov && !h.first_step && store_kind == 0),
+              "autolr_fused: a regret without prevs reads the momentum buffers, which needs momentum without "
+              "nesterov, not the first step, and no store");
   if (boundary) check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   if (params.empty()) return no_statistics();
   const at::Device device = params[0].device();
@@ -230,13 +241,13 @@ at::Tensor sgd_step_cuda(at::TensorList params_in, at::TensorList grads_in, at::
 
   at::Tensor stats;
   if (boundary) {
-    const SgdStepOp<true> op{h, has_momentum, static_cast<int>(store_kind), lrs, regrets, gscale, bargs};
+    const SgdStepOp<true> op{h, has_momentum, static_cast<int>(store_kind), lrs, regrets, regret_from_buffer, gscale, bargs};
     stats = multi_tensor_apply(
         std::array<const TensorList*, 7>{&work, &grads, &buffers, &prevs, &snapshots, &prev_displacements,
                                          &accumulators},
         op);
   } else {
-    const SgdStepOp<false> op{h, has_momentum, static_cast<int>(store_kind), lrs, regrets, gscale, bargs};
+    const SgdStepOp<false> op{h, has_momentum, static_cast<int>(store_kind), lrs, regrets, regret_from_buffer, gscale, bargs};
     multi_tensor_apply(std::array<const TensorList*, 4>{&work, &grads, &buffers, &prevs}, op);
     stats = no_statistics();
   }

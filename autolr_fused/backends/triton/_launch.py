@@ -396,13 +396,21 @@ def sgd_step(params, grads, buffers, lr, lr_value, momentum, dampening, weight_d
              first_step, prevs, store, regret, snapshots, prev_displacements, scale, accumulators,
              accumulate_weight, grad_scale):  # fmt: skip
     k = kernels()
-    if (store or regret is not None) and not prevs:
-        raise ValueError("sgd_step: store and regret need prevs")
+    if store and not prevs:
+        raise ValueError("sgd_step: store needs prevs")
+    # A regret without prevs reads the previous direction from the momentum buffers, before this step's update.
+    from_buffer = regret is not None and not prevs
+    if from_buffer and (momentum == 0 or nesterov or first_step or store):
+        raise ValueError(
+            "sgd_step: a regret without prevs reads the momentum buffers, which needs momentum without nesterov, "
+            "not the first step, and no store"
+        )
     flags = (
         _sgd_flags(momentum, weight_decay, nesterov, maximize, first_step)
         | k.STEP.value
         | store_flags(store)
         | (k.REGRET.value if regret is not None else 0)
+        | (k.REGRET_FROM_BUFFER.value if from_buffer else 0)
         | _boundary_flags(snapshots, scale, accumulators)
     )
     slots = [params, grads, buffers or None, None, prevs or None, snapshots or None, prev_displacements or None,

@@ -11,7 +11,8 @@ G     grads                  read (divided by ``grad_scale``), never written
 A     momentum buffers (SGD) read unless ``FIRST_STEP``; written by a step
       or exp_avgs (Adam)
 B     exp_avg_sqs (Adam)     read; written by a step
-PREV  prevs                  read for ``REGRET`` and ``REDUCE``; written by ``STORE``
+PREV  prevs                  read for ``REGRET`` (unless ``REGRET_FROM_BUFFER``) and
+                             ``REDUCE``; written by ``STORE``
 SNAP  snapshots              read, written by ``BOUNDARY``
 DISP  prev_displacements     read, written by ``BOUNDARY``
 ACC   accumulators (f32)     read, written by ``ACCUMULATE``
@@ -73,6 +74,7 @@ FIRST_STEP = tl.constexpr(1 << 14)
 NESTEROV = tl.constexpr(1 << 15)
 GRAD_SCALE = tl.constexpr(1 << 16)
 ALIGNED = tl.constexpr(1 << 17)  # every data pointer is 16-byte aligned (vector loads)
+REGRET_FROM_BUFFER = tl.constexpr(1 << 18)  # the regret's previous direction is the old momentum buffer (SGD)
 # How a per-tensor scalar (lr, regret, the boundary scale) is given is its *_MODE constexpr: see per_tensor_scalar.
 
 # Launch arguments that change with the tensors: not specialised on, so that a new tensor count compiles nothing.
@@ -224,7 +226,9 @@ def tile(offs, mask, ptrs, scalars, hyper, stats, FLAGS: tl.constexpr):
             a = g
         else:
             a = d
-        if (REGRET | REDUCE) & FLAGS:
+        if REGRET_FROM_BUFFER & FLAGS:
+            prev = buf  # the momentum buffer before this step's update
+        elif (REGRET | REDUCE) & FLAGS:
             prev = load_f32(prev_ptr, offs, mask)
         if REDUCE & FLAGS:
             a = zero_masked(a, mask)
