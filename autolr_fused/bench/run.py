@@ -68,6 +68,7 @@ METHODS: dict[str, Method] = {
     ),
     "FusedSGDHD": Method(lambda p, b: alr.FusedSGDHD(p, lr=0.01, momentum=MOMENTUM, backend=b), 7),
     "FusedRDBD-sgd": Method(lambda p, b: alr.FusedRDBD(p, backend=b), 5),
+    "FusedRDBD-sgd-momentum": Method(lambda p, b: alr.FusedRDBD(p, momentum=MOMENTUM, backend=b), 7),
     "FusedRDBD-adam": Method(lambda p, b: alr.FusedRDBD(p, base="adam", meta_lr=5e-7, backend=b), 9),
 }
 
