@@ -37,6 +37,7 @@ from autolr_fused import (
     FusedTLR,
     available_backends,
 )
+from autolr_fused.backends import resolve_backend
 
 STEPS = 8
 KERNEL_BACKENDS = [b for b in available_backends() if b != "reference"]
@@ -287,12 +288,6 @@ def test_cpu_streaming_stores_write_what_plain_stores_write(op, dtype):
 HOST_BACKENDS = ["reference", *(b for b in KERNEL_BACKENDS if DEVICE[b] == "cpu" and b != "triton")]
 
 
-def _backend_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"autolr_fused.backends.{name}")
-
-
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("wd_damp_scale", [(0.0, 0.0, False), (1e-2, 0.3, True)], ids=["plain", "wd_damp_scaled"])
@@ -304,7 +299,7 @@ def test_sgd_step_regret_without_prevs_reads_the_buffer_before_the_update(backen
     """
     from autolr_fused.directions import SGDConfig
 
-    ops = _backend_module(backend)
+    ops = resolve_backend(backend)[1]
     weight_decay, dampening, scaled = wd_damp_scale
     cfg = SGDConfig(momentum=0.9, dampening=dampening, weight_decay=weight_decay)
     grad_scale = torch.tensor([4.0]) if scaled else None
@@ -337,7 +332,7 @@ def test_sgd_step_regret_without_prevs_reads_the_buffer_before_the_update(backen
 def test_sgd_step_regret_without_prevs_is_refused_where_the_buffer_is_not_the_direction(backend, cfg_kw, first_step):
     from autolr_fused.directions import SGDConfig
 
-    ops = _backend_module(backend)
+    ops = resolve_backend(backend)[1]
     params = [torch.ones(5), torch.ones(3)]
     before = [p.clone() for p in params]
     buffers = [torch.ones(5), torch.ones(3)] if cfg_kw.get("momentum") else []

@@ -68,6 +68,15 @@ class Boundary:
     accumulate_weight: float = 0.0
 
 
+def check_regret_from_buffer(momentum: float, nesterov: bool, first_step: bool, store: object) -> None:
+    """``sgd_step``'s regret without ``prevs`` reads the momentum buffer: only where it is the previous direction."""
+    if momentum == 0 or nesterov or first_step or store:
+        raise ValueError(
+            "sgd_step: a regret without prevs reads the momentum buffers, which needs momentum without "
+            "nesterov, not the first step, and no store"
+        )
+
+
 def lr_vector(lr: float | Tensor | Sequence[Tensor], device: torch.device) -> float | Tensor:
     """``lr`` in the primitives' form: a float, or a 1-D float32 tensor on ``device``."""
     if isinstance(lr, (list, tuple)):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from autolr_fused.backends.primitives import DIRECTION, REGULARIZED, Boundary
+from autolr_fused.backends.primitives import DIRECTION, REGULARIZED, Boundary, check_regret_from_buffer
 from autolr_fused.directions import AdamConfig, SGDConfig
 
 Lr = float | Tensor
@@ -131,11 +131,7 @@ def sgd_step(
 ) -> Tensor | None:
     """One torch.optim.SGD step of every tensor (see ``primitives.py``)."""
     if regret is not None and prevs is None:  # the previous direction is the momentum buffer before the update
-        if cfg.momentum == 0 or cfg.nesterov or first_step or store is not None:
-            raise ValueError(
-                "sgd_step: a regret without prevs reads the momentum buffers, which needs momentum without "
-                "nesterov, not the first step, and no store"
-            )
+        check_regret_from_buffer(cfg.momentum, cfg.nesterov, first_step, store)
         prevs = buffers
     for i, (p, g) in enumerate(zip(params, grads)):
         buf = buffers[i] if cfg.momentum != 0 else None

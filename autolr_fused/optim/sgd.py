@@ -140,15 +140,11 @@ def direction_calls(optimizer: AutoLROptimizer, group: dict[str, Any], units: li
     for unit in units:
         states = [optimizer.state[p] for p in unit.params]
         if not buffer_is_direction(group):
-            for p, state in zip(unit.params, states):
-                if PREV_DIRECTION not in state:
-                    buf = None if unit.first_step else state.get("momentum_buffer")  # a new one is empty
-                    state[PREV_DIRECTION] = (
-                        buf.clone(memory_format=torch.preserve_format)  # the last step's direction
-                        if buf is not None
-                        else torch.zeros_like(p, memory_format=torch.preserve_format)
-                    )
-            calls.append(PrevCall(group, unit, [s[PREV_DIRECTION] for s in states]))
+            if not unit.first_step:  # an old buffer without a prev_direction beside it holds the last direction
+                for state in states:
+                    if PREV_DIRECTION not in state and "momentum_buffer" in state:
+                        state[PREV_DIRECTION] = state["momentum_buffer"].clone(memory_format=torch.preserve_format)
+            calls.append(PrevCall(group, unit, optimizer._prevs(unit.params, PREV_DIRECTION)))  # else zeros
             continue
         kept = [i for i, s in enumerate(states) if PREV_DIRECTION in s]
         if kept:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from autolr_fused.backends import _ops
+from autolr_fused.backends.primitives import check_regret_from_buffer
 
 KERNELS_MODULE = "autolr_fused.backends.triton.kernels"
 NAMESPACE = "autolr_fused_triton"
@@ -400,11 +401,8 @@ def sgd_step(params, grads, buffers, lr, lr_value, momentum, dampening, weight_d
         raise ValueError("sgd_step: store needs prevs")
     # A regret without prevs reads the previous direction from the momentum buffers, before this step's update.
     from_buffer = regret is not None and not prevs
-    if from_buffer and (momentum == 0 or nesterov or first_step or store):
-        raise ValueError(
-            "sgd_step: a regret without prevs reads the momentum buffers, which needs momentum without nesterov, "
-            "not the first step, and no store"
-        )
+    if from_buffer:
+        check_regret_from_buffer(momentum, nesterov, first_step, store)
     flags = (
         _sgd_flags(momentum, weight_decay, nesterov, maximize, first_step)
         | k.STEP.value
