@@ -95,3 +95,16 @@ def test_flat_vector_sgdhd_yardstick_follows_the_same_rule_as_fused_sgdhd(moment
     torch.testing.assert_close(peer.state["flat"]["lr"], ours.param_groups[0]["lr"], rtol=1e-5, atol=0)
     for p, q in zip(peer_params, ours_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_read_only_pass_reads_two_arrays_of_the_sets_size_and_changes_nothing():
+    """The read-only yardstick counts 2 units: one dot over two arrays as large as the whole set."""
+    from autolr_fused.bench.run import ReadOnlyPass, _peers
+
+    assert _peers()["torch-dot-read-only"].units == 2
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 3), (5,), (1,)]]
+    before = [p.detach().clone() for p in params]
+    yardstick = ReadOnlyPass(params)
+    assert yardstick.a.shape == yardstick.b.shape == (18,)
+    assert yardstick.step().item() == 9.0  # 18 ones times 0.5, exact in float32
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -4,7 +4,8 @@ For every parameter set, one run times torch.optim.SGD (for-loop, foreach,
 fused; momentum 0.9), every method on the reference backend and on each kernel
 backend available for the device, and the peers users would pick instead
 (dadaptation.DAdaptSGD, prodigyopt.Prodigy, schedulefree.SGDScheduleFree when
-installed, and hypergradient SGD as its authors publish it: ``flat_sgdhd.py``).
+installed, and hypergradient SGD as its authors publish it: ``flat_sgdhd.py``),
+and a pass that only reads (``torch.dot`` over as many elements, ``ReadOnlyPass``).
 It reports the median step time over ``--steps`` timed steps after
 ``--warmup``, the effective bandwidth (the method's minimal bytes per step /
 time), its ratio to torch's fused SGD (and, on a GPU, to a large copy), and
@@ -41,7 +42,7 @@ from autolr_fused.bench.flat_sgdhd import FlatVectorSGDHD
 from autolr_fused.bench.param_sets import PARAM_SETS, numel
 
 MOMENTUM = 0.9
-Factory = Callable[[list[torch.Tensor], str], torch.optim.Optimizer]
+Factory = Callable[[list[torch.Tensor], str], Any]  # an optimizer, or anything else with a step()
 
 
 @dataclass
@@ -73,6 +74,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+class ReadOnlyPass:
+    """Not an optimizer: ``torch.dot`` of two flat tensors as large as the parameter set, a pass that only
+    reads (2 units). It shows what a reduce pass, which only reads, can reach on the device beside the
+    read-write passes of an SGD step (README, Benchmarks)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        n = sum(p.numel() for p in params)
+        self.a = torch.ones(n, dtype=params[0].dtype, device=params[0].device)
+        self.b = torch.full_like(self.a, 0.5)
+
+    def step(self) -> torch.Tensor:
+        return torch.dot(self.a, self.b)
+
+
 def _peers() -> dict[str, Method]:
     peers = {
         "torch-SGD-forloop": Method(
@@ -84,6 +99,7 @@ def _peers() -> dict[str, Method]:
         "torch-SGD-fused": Method(
             lambda p, _: torch.optim.SGD(p, lr=0.01, momentum=MOMENTUM, fused=True), 5, ours=False
         ),
+        "torch-dot-read-only": Method(lambda p, _: ReadOnlyPass(p), 2, ours=False),
         "SGDN-HD-flat-vector": Method(
             lambda p, _: FlatVectorSGDHD(p, lr=0.01, momentum=MOMENTUM, hypergrad_lr=1e-6), 7, ours=False
         ),
