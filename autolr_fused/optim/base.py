@@ -221,29 +221,46 @@ class AutoLROptimizer(torch.optim.Optimizer):
     def _grad_params(group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
-    def _prevs(self, params: list[Tensor], key: str) -> list[Tensor]:
-        """``state[p][key]`` of every tensor, created as zeros (parameter dtype and layout) where missing."""
+    def _prevs(
+        self, params: list[Tensor], key: str, seed: Callable[[dict[str, Any]], Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """``state[p][key]`` of every tensor, created where missing: ``seed(state[p])`` where it gives a
+        tensor, else zeros (parameter dtype and layout)."""
         out = []
         for p in params:
             state = self.state[p]
             if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                first = None if seed is None else seed(state)
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format) if first is None else first
             out.append(state[key])
         return out
 
-    def _flat_state(self, params: list[Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
+    def _cached_flat_state(self, ids: tuple[int, ...], keys: tuple[str, ...]) -> dict[str, Tensor] | None:
+        """``_flat_state``'s vectors if they are built for the tensors of ``ids`` (in order) and ``keys``, else None.
+
+        Then every one of those tensors has ``keys`` in its state: a step may skip creating them.
+        """
+        cache = self._flat_cache
+        if cache is not None and cache[0] == ids and all(k in cache[1] for k in keys):
+            return cache[1]
+        return None
+
+    def _flat_state(
+        self, params: list[Tensor], keys: tuple[str, ...], ids: tuple[int, ...] | None = None
+    ) -> dict[str, Tensor]:
         """Per key, a 1-D float32 tensor whose element i *is* ``state[params[i]][key]``.
 
         Per-tensor scalars (learning rates, the last inner product, ...) stay 0-dim
         tensors in ``state`` (that is the state_dict layout), but as views into one
         vector per key, so that a step reads and writes them as whole vectors, with
         no stack or copy per tensor. The vectors are rebuilt when the list of
-        tensors changes or after load_state_dict.
+        tensors changes or after load_state_dict. ``ids``: ``id`` of every tensor
+        of ``params``, where the caller has them already.
         """
-        ids = tuple(id(p) for p in params)
-        cache = self._flat_cache
-        if cache is not None and cache[0] == ids and all(k in cache[1] for k in keys):
-            return cache[1]
+        ids = tuple(map(id, params)) if ids is None else ids
+        cached = self._cached_flat_state(ids, keys)
+        if cached is not None:
+            return cached
         device = params[0].device
         flats = {
             k: torch.stack([self.state[p][k].reshape(()).to(device=device, dtype=torch.float32) for p in params])

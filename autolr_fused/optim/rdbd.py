@@ -33,6 +33,7 @@ from autolr_fused.optim.sgd import (
 )
 
 BASES = ("sgd", "adam")
+SCALARS = ("lr", "prev_h", "prev_delta")  # per-tensor float32 state, views of one vector each (_flat_state)
 
 
 class FusedRDBD(AutoLROptimizer):
@@ -67,7 +68,7 @@ class FusedRDBD(AutoLROptimizer):
     """
 
     _global_keys = ("base",)
-    _float32_state_keys = ("lr", "prev_h", "prev_delta")
+    _float32_state_keys = SCALARS
     _state_schema = {
         "lr": SCALAR,
         "prev_h": SCALAR,
@@ -78,7 +79,7 @@ class FusedRDBD(AutoLROptimizer):
         "exp_avg_sq": PARAMETER_SHAPED,
         "step": COUNT,
     }
-    _state_bundles = (("lr", "prev_h", "prev_delta"), ("exp_avg", "exp_avg_sq", "step"))
+    _state_bundles = (SCALARS, ("exp_avg", "exp_avg_sq", "step"))
 
     def __init__(
         self,
@@ -146,7 +147,7 @@ class FusedRDBD(AutoLROptimizer):
         """SGD base: momentum units. Adam base: units of equal step count, ``buffers`` = exp_avg + exp_avg_sq."""
         if group["base"] == "sgd":
             return momentum_units(self, group, params)
-        by_step: dict[int, list[Tensor]] = {}
+        by_step: dict[int, tuple[list[Tensor], ...]] = {}  # step -> (params, grads, exp_avgs, exp_avg_sqs)
         for p in params:
             s = self.state[p]
             if "exp_avg" not in s:
@@ -154,11 +155,12 @@ class FusedRDBD(AutoLROptimizer):
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["step"] = 0
             s["step"] += 1
-            by_step.setdefault(s["step"], []).append(p)
-        return [
-            Unit(ps, [p.grad for p in ps], [self.state[p][k] for k in ("exp_avg", "exp_avg_sq") for p in ps], False)
-            for ps in by_step.values()
-        ]
+            lists = by_step.get(s["step"]) or by_step.setdefault(s["step"], ([], [], [], []))
+            lists[0].append(p)
+            lists[1].append(p.grad)
+            lists[2].append(s["exp_avg"])
+            lists[3].append(s["exp_avg_sq"])
+        return [Unit(ps, grads, exp_avgs + exp_avg_sqs, False) for ps, grads, exp_avgs, exp_avg_sqs in by_step.values()]
 
     def _primitive_args(self, group: dict[str, Any], unit: Unit) -> tuple[list, Any, dict[str, Any]]:
         """(state lists, config, keywords) of the SGD or Adam primitives for ``unit``."""
@@ -171,9 +173,11 @@ class FusedRDBD(AutoLROptimizer):
     def _step(self) -> None:
         ops, grad_scale = self._ops, self._grad_scale
         work: list[PrevCall] = []
-        for group in self.param_groups:
-            params = self._grad_params(group)
-            for p in params:
+        groups = [(group, self._grad_params(group)) for group in self.param_groups]
+        ids = tuple(id(p) for _, params in groups for p in params)
+        created = self._cached_flat_state(ids, SCALARS) is not None  # the usual step: no state to create
+        for group, params in groups:
+            for p in () if created else params:
                 state = self.state[p]
                 if "lr" not in state:
                     state["lr"] = lr_tensor(group["lr"], p.device)
@@ -198,7 +202,7 @@ class FusedRDBD(AutoLROptimizer):
             rows.append(reduce(unit.params, unit.grads, *lists, call.prevs, cfg, grad_scale=grad_scale, **kw, **of))
         params = [p for call in work for p in call.unit.params]
         h_all = self._global_rows(torch.cat(rows), [params])[:, 0]
-        flat = self._flat_state(params, ("lr", "prev_h", "prev_delta"))
+        flat = self._flat_state(params, SCALARS)
         prev_h, prev_delta, old_lr = flat["prev_h"], flat["prev_delta"], flat["lr"]
         self._note_nonfinite(h_all)
         updates, start = [], 0

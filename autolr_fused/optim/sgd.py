@@ -79,8 +79,8 @@ def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: li
     grads = [p.grad for p in params]
     if group["momentum"] == 0:
         return [Unit(params, grads, [], False)]
-    states = [optimizer.state[p] for p in params]
-    buffers = [s.get("momentum_buffer") for s in states]
+    state = optimizer.state
+    buffers = [state[p].get("momentum_buffer") for p in params]
     if all(b is not None for b in buffers):  # the usual step: one unit
         return [Unit(params, grads, buffers, False)]
     units = []
@@ -89,10 +89,10 @@ def momentum_units(optimizer: AutoLROptimizer, group: dict[str, Any], params: li
         units.append(Unit([params[i] for i in old], [grads[i] for i in old], [buffers[i] for i in old], False))
     new = [i for i, b in enumerate(buffers) if b is None]
     for i in new:
-        states[i]["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
-    units.append(
-        Unit([params[i] for i in new], [grads[i] for i in new], [states[i]["momentum_buffer"] for i in new], True)
-    )
+        buffers[i] = state[params[i]]["momentum_buffer"] = torch.empty_like(
+            params[i], memory_format=torch.preserve_format
+        )
+    units.append(Unit([params[i] for i in new], [grads[i] for i in new], [buffers[i] for i in new], True))
     return units
 
 
@@ -124,6 +124,11 @@ def buffer_is_direction(group: dict[str, Any]) -> bool:
     return group["momentum"] != 0 and not group["nesterov"]
 
 
+def _copy_of_buffer(state: dict[str, Any]) -> Tensor | None:
+    buffer = state.get("momentum_buffer")
+    return None if buffer is None else buffer.clone(memory_format=torch.preserve_format)
+
+
 def direction_calls(optimizer: AutoLROptimizer, group: dict[str, Any], units: list[Unit]) -> list[PrevCall]:
     """The calls of an SGD group's ``units`` that read the previous update direction ``d_{t-1}``.
 
@@ -138,21 +143,19 @@ def direction_calls(optimizer: AutoLROptimizer, group: dict[str, Any], units: li
     """
     calls = []
     for unit in units:
-        states = [optimizer.state[p] for p in unit.params]
         if not buffer_is_direction(group):
-            if not unit.first_step:  # an old buffer without a prev_direction beside it holds the last direction
-                for state in states:
-                    if PREV_DIRECTION not in state and "momentum_buffer" in state:
-                        state[PREV_DIRECTION] = state["momentum_buffer"].clone(memory_format=torch.preserve_format)
-            calls.append(PrevCall(group, unit, optimizer._prevs(unit.params, PREV_DIRECTION)))  # else zeros
+            # An old buffer without a prev_direction beside it holds the last direction; else zeros.
+            seed = None if unit.first_step else _copy_of_buffer
+            calls.append(PrevCall(group, unit, optimizer._prevs(unit.params, PREV_DIRECTION, seed)))
             continue
-        kept = [i for i, s in enumerate(states) if PREV_DIRECTION in s]
+        state = optimizer.state
+        kept = [i for i, p in enumerate(unit.params) if PREV_DIRECTION in state[p]]
         if kept:
-            prevs = [states[i][PREV_DIRECTION] for i in kept]
+            prevs = [state[unit.params[i]][PREV_DIRECTION] for i in kept]
             calls.append(PrevCall(group, unit.subset(kept), prevs, store=False, drop=True))
-        if len(kept) == len(states):
-            continue
-        rest = unit.subset([i for i, s in enumerate(states) if PREV_DIRECTION not in s]) if kept else unit
+            if len(kept) == len(unit.params):
+                continue
+        rest = unit.subset([i for i, p in enumerate(unit.params) if PREV_DIRECTION not in state[p]]) if kept else unit
         if unit.first_step:  # new buffers: no previous direction yet
             calls.append(PrevCall(group, rest, None, store=False))
         else:

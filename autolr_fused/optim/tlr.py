@@ -111,23 +111,28 @@ class FusedTLR(SGDDirectionOptimizer):
         """The lrs ``params`` are updated with, as the primitives take them (per layer: one per tensor)."""
         if not self.defaults["per_layer"]:
             return self._lr_tensor(group).reshape(1)
-        flat, positions = self._layer_lrs(params)
+        flat, where = self._layer_lrs(params)
+        return flat[where]
+
+    def _layer_lrs(self, params: list[Tensor]) -> tuple[Tensor, slice | Tensor]:
+        """The vector of every tensor's lr (views of ``state[p]["lr"]``) and where ``params`` are in it: a
+        slice when they are consecutive (every tensor of the optimizer, in the usual step), else an index."""
+        everything = self._all_params()
+        ids = tuple(map(id, everything))
+        if self._cached_flat_state(ids, ("lr",)) is None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "lr" not in self.state[p]:
+                        self.state[p]["lr"] = lr_tensor(group["lr"], p.device)
+        flat = self._flat_state(everything, ("lr",), ids)["lr"]
+        if len(params) == len(ids) and tuple(map(id, params)) == ids:
+            return flat, slice(0, len(ids))
+        position = {i: k for k, i in enumerate(ids)}
+        positions = [position[id(p)] for p in params]
         start = positions[0]
         if positions == list(range(start, start + len(positions))):
-            return flat[start : start + len(positions)]
-        return flat[torch.tensor(positions, device=flat.device)]
-
-    def _layer_lrs(self, params: list[Tensor]) -> tuple[Tensor, list[int]]:
-        """The vector of every tensor's lr (views of ``state[p]["lr"]``) and the positions of ``params`` in it."""
-        everything = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if "lr" not in self.state[p]:
-                    self.state[p]["lr"] = lr_tensor(group["lr"], p.device)
-                everything.append(p)
-        flat = self._flat_state(everything, ("lr",))["lr"]
-        position = {id(p): i for i, p in enumerate(everything)}
-        return flat, [position[id(p)] for p in params]
+            return flat, slice(start, start + len(positions))
+        return flat, torch.tensor(positions, device=flat.device)
 
     def _apply_factor(self, stats: Tensor, params: list[Tensor]) -> None:
         """Multiply the lrs by the change factor of ``stats`` rows ``(h, q)``, one row per tensor of ``params``."""
@@ -135,14 +140,12 @@ class FusedTLR(SGDDirectionOptimizer):
         self._note_nonfinite(stats)
         if self.defaults["per_layer"]:
             factor = tlr.change_factor(stats[:, 0], stats[:, 1], bound)
-            flat, positions = self._layer_lrs(params)
-            start = positions[0]
-            if positions == list(range(start, start + len(positions))):
-                lrs = flat[start : start + len(positions)]
+            flat, where = self._layer_lrs(params)
+            if isinstance(where, slice):
+                lrs = flat[where]
                 lrs.copy_(tlr.scale_lr(lrs, factor))
             else:
-                index = torch.tensor(positions, device=flat.device)
-                flat.index_copy_(0, index, tlr.scale_lr(flat[index], factor))
+                flat.index_copy_(0, where, tlr.scale_lr(flat[where], factor))
         else:
             factor = tlr.change_factor(stats[:, 0].sum(), stats[:, 1].sum(), bound)
             for group in self.param_groups:
