@@ -462,3 +462,39 @@ def test_stats_survive_a_state_dict_round_trip(make, key):
     fresh = make([torch.nn.Parameter(p.detach().clone()) for p in params])
     fresh.load_state_dict(optimizer.state_dict())
     assert fresh.stats() == before
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_named_parameters_step_like_plain_parameters_and_keep_their_names_in_state_dict(name):
+    """``model.named_parameters()`` as torch.optim takes them: the same steps, plus ``param_names``."""
+    factory, _ = OPTIMIZERS[name]
+    plain, named = make_params(), make_params()
+    opt_plain = factory(plain)
+    opt_named = factory([(f"layer{i}.weight", p) for i, p in enumerate(named)])
+    assert opt_named.param_groups[0]["params"] == named
+    assert opt_named.param_groups[0]["param_names"] == ["layer0.weight", "layer1.weight", "layer2.weight"]
+    run_steps(opt_plain, plain, range(4))
+    run_steps(opt_named, named, range(4))
+    assert all(torch.equal(a, b) for a, b in zip(plain, named))
+    saved = opt_named.state_dict()
+    assert saved["param_groups"][0]["param_names"] == ["layer0.weight", "layer1.weight", "layer2.weight"]
+    twin_params = clone_params(named)
+    twin = factory([(f"layer{i}.weight", p) for i, p in enumerate(twin_params)])
+    twin.load_state_dict(copy.deepcopy(saved))  # FusedSGD, as torch, keeps the loaded tensors themselves
+    run_steps(opt_named, named, range(4, 7))
+    run_steps(twin, twin_params, range(4, 7))
+    assert all(torch.equal(a, b) for a, b in zip(named, twin_params))
+
+
+def test_named_and_unnamed_parameters_do_not_mix():
+    a, b, c = make_params()
+    with pytest.raises(ValueError, match="names"):
+        FusedSGD([("a", a), b], lr=0.1)
+    opt = FusedSGD([("a", a)], lr=0.1)
+    with pytest.raises(ValueError, match="names"):  # torch's rule across groups, before the group is added
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [("c", c)], "lr": 0.01})
+    assert opt.param_groups[1]["param_names"] == ["c"]
+    with pytest.raises(TypeError, match="name, tensor"):
+        FusedSGD([(a, "a")], lr=0.1)

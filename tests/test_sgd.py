@@ -204,6 +204,41 @@ def test_state_dict_layout_has_the_same_keys_as_torch_sgd(momentum):
     assert fused_group == ref_group  # same values too: lr, momentum, ..., params ids
 
 
+def test_named_parameters_give_torch_sgds_param_groups_steps_and_cross_loading_state_dicts():
+    """torch.optim.SGD(model.named_parameters()) keeps ``param_names`` in its groups; FusedSGD the same."""
+    ref_params, fused_params = make_params(), make_params()
+    hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    ref = torch.optim.SGD([(f"p{i}", p) for i, p in enumerate(ref_params)], **hp)
+    fused = FusedSGD([(f"p{i}", p) for i, p in enumerate(fused_params)], **hp)
+    _run_steps(ref, ref_params, range(6))
+    _run_steps(fused, fused_params, range(6))
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, fused_params))
+    assert fused.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+    ref_saved, fused_saved = copy.deepcopy(ref.state_dict()), copy.deepcopy(fused.state_dict())
+    ref.load_state_dict(fused_saved)  # torch keeps the loaded tensors themselves: copies, not shared buffers
+    fused.load_state_dict(ref_saved)
+    _run_steps(ref, ref_params, range(6, 9))
+    _run_steps(fused, fused_params, range(6, 9))
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, fused_params))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hp", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-2, nesterov=True)])
+def test_sixteen_bit_reference_backend_is_torch_sgds_for_loop_bit_for_bit(dtype, hp):
+    """In 16 bits torch's own SGDs differ from each other (foreach rounds the momentum update twice, the
+    for-loop once per op); the reference backend runs the for-loop's ops (docs/sgd.md, 16-bit parameters)."""
+    ref_params = [nn.Parameter(p.detach().to(dtype)) for p in make_params()]
+    fused_params = clone_params(ref_params)
+    ref = torch.optim.SGD(ref_params, lr=0.05, foreach=False, **hp)
+    fused = FusedSGD(fused_params, lr=0.05, backend="reference", **hp)
+    for step in range(8):
+        for params in (ref_params, fused_params):
+            set_grads(params, [None if g is None else g.to(dtype) for g in grads_for_step(step)])
+        ref.step()
+        fused.step()
+        assert all(torch.equal(a, b) for a, b in zip(ref_params, fused_params)), f"step {step}"
+
+
 # ------------------------------------------------------------- optimizer contract
 def test_param_groups_with_different_hyperparameters_match_torch_sgd():
     ref_params = make_params()

@@ -73,6 +73,19 @@ def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(lr, dtype=torch.float32).reshape(()).to(device).clone()
 
 
+def _split_names(param_group: dict[str, Any], params: list) -> tuple[dict[str, Any], list]:
+    """``named_parameters()`` as torch.optim takes them: ``(name, tensor)`` pairs become the group's
+    ``params`` and ``param_names`` (kept in state_dict, as torch does); all named or none."""
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return param_group, params
+    if not all(named):
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+    if any(len(p) != 2 or not isinstance(p[0], str) for p in params):
+        raise ArgumentTypeError("named parameters must be (name, tensor) pairs, as module.named_parameters() gives")
+    return {**param_group, "param_names": [name for name, _ in params]}, [tensor for _, tensor in params]
+
+
 class AutoLROptimizer(torch.optim.Optimizer):
     """Base class: subclasses define ``_check_group`` and ``_step``.
 
@@ -191,6 +204,7 @@ class AutoLROptimizer(torch.optim.Optimizer):
         if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters need to be organized in ordered collections, not a set")
         params = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
+        param_group, params = _split_names(param_group, params)
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears more than once in a parameter group")
         check_parameters(params, self._all_params() if hasattr(self, "param_groups") else [])
