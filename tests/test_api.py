@@ -311,6 +311,15 @@ BAD_HYPERPARAMETERS = [
     pytest.param(lambda ps: FusedRDBD(ps, meta_lr=-1), "meta_lr", id="FusedRDBD-meta_lr-negative"),
     pytest.param(lambda ps: FusedRDBD(ps, lr_bounds=(1, 0)), "lr_bounds", id="FusedRDBD-lr_bounds-reversed"),
     pytest.param(lambda ps: FusedRDBD(ps, base="adam", betas=(1.0, 0.999)), "betas", id="FusedRDBD-beta1-1"),
+    # Arguments of the other base would be ignored, so they are refused.
+    pytest.param(lambda ps: FusedRDBD(ps, base="adam", dampening=0.5), "dampening", id="FusedRDBD-adam-dampening"),
+    pytest.param(lambda ps: FusedRDBD(ps, betas=(0.5, 0.9)), "betas", id="FusedRDBD-sgd-betas"),
+    pytest.param(lambda ps: FusedRDBD(ps, eps=1e-6), "eps", id="FusedRDBD-sgd-eps"),
+    pytest.param(
+        lambda ps: FusedRDBD(ps, weight_decay=0.1, decoupled_weight_decay=True),
+        "decoupled_weight_decay",
+        id="FusedRDBD-sgd-decoupled",
+    ),
     pytest.param(lambda ps: FusedSGDHD(ps, hypergrad_lr=-1), "hypergrad_lr", id="FusedSGDHD-hypergrad_lr-negative"),
     pytest.param(lambda ps: FusedSGDL(ps, gamma=0), "gamma", id="FusedSGDL-gamma-0"),
     pytest.param(lambda ps: FusedSGDL(ps, total_steps=0), "total_steps", id="FusedSGDL-total_steps-0"),

@@ -48,7 +48,8 @@ class FusedRDBD(AutoLROptimizer):
     ``base="sgd"`` takes torch.optim.SGD's arguments (``momentum``,
     ``dampening``, ``weight_decay``, ``nesterov``); ``base="adam"`` takes
     torch.optim.Adam's (``betas``, ``eps``, ``weight_decay``, and
-    ``decoupled_weight_decay`` for AdamW). ``regret=False`` is plain
+    ``decoupled_weight_decay`` for AdamW); an argument of the other base would be
+    ignored, so it raises ValueError. ``regret=False`` is plain
     delta-bar-delta. ``lr_bounds=(low, high)`` clamps every lr (None: unbounded).
 
     Defaults: ``lr=0.005`` (alpha_0), ``meta_lr=0.01`` (eta), as in the paper's
@@ -127,6 +128,8 @@ class FusedRDBD(AutoLROptimizer):
             raise ValueError(f"unknown base={group['base']!r}; choose one of {BASES}")
         if group["base"] == "adam" and (group["momentum"] != 0 or group["nesterov"]):
             raise ValueError("momentum and nesterov apply to base='sgd'; base='adam' uses betas")
+        if group["base"] == "adam" and group["dampening"] != 0:
+            raise ValueError("dampening applies to base='sgd' (its momentum); base='adam' has none")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ArgumentTypeError(f"betas must be a pair of floats, got {betas!r}")
@@ -134,6 +137,12 @@ class FusedRDBD(AutoLROptimizer):
         check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+        if group["base"] == "sgd":  # Adam's arguments would be ignored: refuse them unless left at their defaults
+            adam_only = {"betas": (0.9, 0.999), "eps": 1e-8, "decoupled_weight_decay": False}
+            for key, default in adam_only.items():
+                value = tuple(group[key]) if key == "betas" else group[key]
+                if value != default:
+                    raise ValueError(f"{key} applies to base='adam'; base='sgd' would ignore {key}={group[key]!r}")
         check_bool("regret", group["regret"])
         bounds = group["lr_bounds"]
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
