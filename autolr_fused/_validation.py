@@ -15,6 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:  # the per-step gradient check in C++ (csrc/bindings.cpp); Python where the extension is not built
+    from autolr_fused._C import first_bad_gradient as _first_bad_gradient
+except ImportError:
+    _first_bad_gradient = None
+
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument has the wrong type (also a ``ValueError`` for convenience)."""
@@ -246,12 +251,21 @@ def _describe(value: Any) -> str:
 
 
 def check_gradients(param_groups: list[dict]) -> None:
-    """Refuse sparse and complex gradients before a step changes anything."""
+    """Refuse sparse and complex gradients, and gradients of another shape, before a step changes anything.
+
+    One cheap test per tensor on the hot path (in C++ where the extension is built, instead of several
+    attribute lookups per tensor in Python), the detailed checks and the message only when it fails.
+    """
+    if _first_bad_gradient is not None:
+        params = [p for group in param_groups for p in group["params"]]
+        bad = _first_bad_gradient(params)
+        if bad >= 0:
+            _refuse_gradient(params[bad], params[bad].grad)
+        return
     strided = torch.strided
     for group in param_groups:
         for p in group["params"]:
             g = p.grad
-            # One cheap test per tensor on the hot path; the detailed checks only when it fails.
             if g is not None and (
                 g.layout is not strided or g.dtype.is_complex or p.dtype.is_complex or g.shape != p.shape
             ):
@@ -259,6 +273,8 @@ def check_gradients(param_groups: list[dict]) -> None:
 
 
 def _refuse_gradient(p: torch.Tensor, g: torch.Tensor) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise ArgumentTypeError(f"a param group holds a {type(p).__name__} where a parameter tensor belongs")
     if g.is_sparse or g.layout != torch.strided:
         raise SparseGradientError(
             "autolr_fused optimizers do not support sparse gradients "

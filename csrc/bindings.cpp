@@ -7,6 +7,7 @@
 // regularized gradient, 2 the direction, into `prevs`. Statistics come back as a float32 (n, k)
 // tensor on the parameters' device.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(autolr_fused, m) {
@@ -41,6 +42,39 @@ TORCH_LIBRARY_IMPL(autolr_fused, Autograd, m) {
   }
 }
 
-// `import autolr_fused._C` runs the registrations above; the module itself is empty.
-static struct PyModuleDef autolr_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// first_bad_gradient(params): the index of the first tensor of the list `params` whose .grad an optimizer
+// step refuses (sparse or other non-strided layout, complex, or a shape other than the parameter's), or -1.
+// It is the per-step check of autolr_fused/_validation.py's check_gradients, which words the error; in
+// Python the same test is several attribute lookups per tensor. It reads metadata only, never device
+// memory. An entry that is not a tensor is reported as bad too (Python then says what is wrong with it).
+static PyObject* first_bad_gradient(PyObject* /*module*/, PyObject* params) {
+  PyObject* seq = PySequence_Fast(params, "first_bad_gradient takes a list of tensors");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  Py_ssize_t bad = -1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) {
+      bad = i;
+      break;
+    }
+    const at::Tensor& p = THPVariable_Unpack(items[i]);
+    const at::Tensor& g = p.grad();
+    if (g.defined() &&
+        (g.layout() != c10::kStrided || g.is_complex() || p.is_complex() || !g.sizes().equals(p.sizes()))) {
+      bad = i;
+      break;
+    }
+  }
+  Py_DECREF(seq);
+  return PyLong_FromSsize_t(bad);
+}
+
+static PyMethodDef autolr_fused_methods[] = {
+    {"first_bad_gradient", first_bad_gradient, METH_O,
+     "Index of the first tensor whose .grad a step refuses (sparse, complex, other shape), or -1."},
+    {nullptr, nullptr, 0, nullptr}};
+
+// `import autolr_fused._C` runs the registrations above; the module holds first_bad_gradient.
+static struct PyModuleDef autolr_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, autolr_fused_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&autolr_fused_module); }

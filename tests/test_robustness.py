@@ -365,6 +365,68 @@ def test_sparse_gradient_is_refused_before_the_step_changes_anything(case, backe
     assert_unchanged(opt, params, saved)
 
 
+def _bad_gradient(kind: str, p: torch.Tensor) -> None:
+    """Give ``p`` a gradient a step refuses: torch's ``.grad`` setter refuses the last two, ``.data`` does not."""
+    p.grad = torch.ones_like(p)
+    if kind == "sparse":
+        p.grad = p.grad.to_sparse()
+    elif kind == "complex":
+        p.grad.data = torch.ones(p.shape, dtype=torch.complex64)
+    elif kind == "shape":
+        p.grad.data = torch.ones(p.numel() + 1)
+
+
+GRADIENT_CHECKS = {"sparse": (ValueError, "sparse"), "complex": (TypeError, "complex"), "shape": (ValueError, "shape")}
+
+
+@pytest.mark.parametrize("path", ["extension", "python"])
+@pytest.mark.parametrize("kind", list(GRADIENT_CHECKS))
+def test_the_gradient_check_refuses_alike_in_cpp_and_python_before_any_change(kind, path, monkeypatch):
+    """check_gradients runs in C++ where the extension is built and in Python otherwise: same refusals,
+    same errors, whichever tensor holds the bad gradient, and nothing changes."""
+    from autolr_fused import _validation
+
+    if path == "python":
+        monkeypatch.setattr(_validation, "_first_bad_gradient", None)
+    elif _validation._first_bad_gradient is None:
+        pytest.skip("the extension is not built")
+    error, match = GRADIENT_CHECKS[kind]
+    for bad in (0, len(SHAPES) - 1):
+        params = small_params()
+        opt = FusedSGD(params, lr=0.1, momentum=0.9, backend="reference")
+        run_small_steps(opt, params, range(2))
+        saved = snapshot(opt, params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        _bad_gradient(kind, params[bad])
+        with pytest.raises(error, match=match):
+            opt.step()
+        assert_unchanged(opt, params, saved)
+
+
+def test_first_bad_gradient_reports_the_first_refused_tensor_and_skips_missing_gradients():
+    from autolr_fused import _validation
+
+    if _validation._first_bad_gradient is None:
+        pytest.skip("the extension is not built")
+    check = _validation._first_bad_gradient
+    params = [nn.Parameter(torch.zeros(s)) for s in [(2, 3), (4,), (1,), (5, 1)]]
+    assert check(params) == -1  # no gradients yet
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[1].grad = None
+    params[2].grad = params[2].grad.t()  # a view: strided, same shape
+    assert check(params) == -1
+    assert check([]) == -1
+    _bad_gradient("shape", params[3])
+    _bad_gradient("sparse", params[2])
+    assert check(params) == 2
+    assert check(tuple(params[3:])) == 0
+    assert check([params[0], "not a tensor"]) == 1
+    with pytest.raises(TypeError):
+        check(None)
+
+
 # ----------------------------------------------------------------- mismatched state_dicts
 def _trained(name: str, seed: int = 0):
     factory, _ = OPTIMIZERS[name]
