@@ -240,9 +240,14 @@ class AutoLROptimizer(torch.optim.Optimizer):
     ) -> list[Tensor]:
         """``state[p][key]`` of every tensor, created where missing: ``seed(state[p])`` where it gives a
         tensor, else zeros (parameter dtype and layout)."""
+        state_of = self.state
+        try:  # the usual step: every tensor has it
+            return [state_of[p][key] for p in params]
+        except KeyError:
+            pass
         out = []
         for p in params:
-            state = self.state[p]
+            state = state_of[p]
             if key not in state:
                 first = None if seed is None else seed(state)
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format) if first is None else first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -183,7 +184,7 @@ class FusedRDBD(AutoLROptimizer):
         ops, grad_scale = self._ops, self._grad_scale
         work: list[PrevCall] = []
         groups = [(group, self._grad_params(group)) for group in self.param_groups]
-        ids = tuple(id(p) for _, params in groups for p in params)
+        ids = tuple(map(id, itertools.chain.from_iterable(params for _, params in groups)))
         created = self._cached_flat_state(ids, SCALARS) is not None  # the usual step: no state to create
         for group, params in groups:
             for p in () if created else params:
