@@ -269,12 +269,8 @@ at::Tensor sgd_step_cpu(at::TensorList params_in, at::TensorList grads_in, at::T
   check_list(params, buffers_in.vec(), "buffers", !has_momentum);
   check_list(params, prevs_in.vec(), "prevs", store_kind == 0);
   TORCH_CHECK(store_kind >= 0 && store_kind <= 2, "autolr_fused: store must be 0, 1 or 2");
-  // A regret without prevs reads the previous direction from the momentum buffers (before this step's update),
-  // which hold it only with momentum, without nesterov, and once they hold a step.
   const RegretFrom regret_from = !has_regret ? kNoRegret : !prevs_in.empty() ? kRegretPrevs : kRegretBuffer;
-  TORCH_CHECK(regret_from != kRegretBuffer || (has_momentum && !h.nesterov && !h.first_step && store_kind == 0),
-              "autolr_fused: a regret without prevs reads the momentum buffers, which needs momentum without "
-              "nesterov, not the first step, and no store");
+  if (regret_from == kRegretBuffer) check_regret_from_buffer(h, store_kind);
   if (boundary) check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   if (params.empty()) return at::empty({0, 3}, at::TensorOptions().dtype(at::kFloat));
   check_vector(lr, "lr", params.size(), true, params[0].device());

@@ -209,17 +209,13 @@ at::Tensor sgd_step_cuda(at::TensorList params_in, at::TensorList grads_in, at::
   const SgdHyper h = make_sgd_hyper(momentum, dampening, weight_decay, nesterov, maximize, first_step);
   const bool boundary = !snapshots_in.empty();
   const bool has_momentum = h.momentum != 0.0f;
-  // A regret without prevs reads the previous direction from the momentum buffers (before this step's update),
-  // which hold it only with momentum, without nesterov, and once they hold a step.
-  const bool regret_from_buffer = regret.has_value() && prevs_in.empty();
+  const bool regret_from_buffer = regret.has_value() && prevs_in.empty();  // see check_regret_from_buffer
   const bool use_prevs = store_kind != 0 || (regret.has_value() && !regret_from_buffer);
   check_list(params, grads_in.vec(), "grads", false);
   check_list(params, buffers_in.vec(), "buffers", !has_momentum);
   check_list(params, prevs_in.vec(), "prevs", store_kind == 0);
   TORCH_CHECK(store_kind >= 0 && store_kind <= 2, "autolr_fused: store must be 0, 1 or 2");
-  TORCH_CHECK(!regret_from_buffer || (has_momentum && !h.nesterov && !h.first_step && store_kind == 0),
-              "autolr_fused: a regret without prevs reads the momentum buffers, which needs momentum without "
-              "nesterov, not the first step, and no store");
+  if (regret_from_buffer) check_regret_from_buffer(h, store_kind);
   if (boundary) check_boundary(params, snapshots_in.vec(), prev_displacements_in.vec(), scale, accumulators_in.vec());
   if (params.empty()) return no_statistics();
   const at::Device device = params[0].device();

@@ -84,7 +84,6 @@ inline void check_vector(const std::optional<at::Tensor>& v, const char* name, s
               " has ", v->numel(), " elements for ", n, " tensors");
 }
 
-// The lists of a boundary pass (AutoDrop's epoch end, TLR's window end).
 // The lists every Adam op takes, aligned with params.
 inline void check_adam_lists(const TensorList& params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs) {
@@ -94,6 +93,15 @@ inline void check_adam_lists(const TensorList& params, at::TensorList grads, at:
   check_list(params, exp_avg_sqs.vec(), "exp_avg_sqs", false);
 }
 
+// sgd_step's regret without prevs reads the previous direction from the momentum buffers (before this step's
+// update), which hold it only with momentum, without nesterov, and once they hold a step; nothing is stored then.
+inline void check_regret_from_buffer(const SgdHyper& h, int64_t store_kind) {
+  TORCH_CHECK(h.momentum != 0.0f && !h.nesterov && !h.first_step && store_kind == 0,
+              "autolr_fused: a regret without prevs reads the momentum buffers, which needs momentum without "
+              "nesterov, not the first step, and no store");
+}
+
+// The lists of a boundary pass (AutoDrop's epoch end, TLR's window end).
 inline void check_boundary(const TensorList& params, const TensorList& snapshots,
                            const TensorList& prev_displacements, const std::optional<at::Tensor>& scale,
                            const TensorList& accumulators) {
