@@ -18,7 +18,8 @@ def table(path: str) -> str:
     head = "| method | backend | " + " | ".join(f"{s}: x fused SGD bandwidth | {s}: x reference" for s in sets) + " |"
     lines = [
         f"{result['device']}, torch {result['torch']}, commit {result['commit'][:10]}, "
-        f"median of {result['steps']} steps after {result['warmup']} warm-up steps, float32"
+        f"median of {result['steps']} steps after {result['warmup']} warm-up steps, "
+        + ", ".join(sorted({r["dtype"] for r in rows}))
         + (", each step timed alternately with a torch fused SGD step" if "timing" in result else "")
         + ":",
         "",
